@@ -1,0 +1,184 @@
+"""Process groups and megatron-core parallel state, on GPU (NCCL) or CPU (gloo).
+
+`init_parallel` is the single entry point: it starts torch.distributed from the torchrun
+environment (or as a one-process group when run plainly), adapts megatron-core to the CPU when
+CUDA is absent, builds the TP / PP / DP groups and seeds the model-parallel RNG tracker.
+
+The CPU adapter lives here and nowhere else. megatron-core assumes CUDA in a few places that the
+training path reaches; each patched site has its own test in tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    seed: int = 1234
+    timeout_minutes: int = 30
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_parallel(cfg: ParallelConfig) -> None:
+    """Initialise torch.distributed and megatron parallel_state for `cfg`."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.cuda.is_available():
+        adapt_megatron_to_cpu()
+    if not dist.is_initialized():
+        _init_process_group(cfg.timeout_minutes)
+    world = dist.get_world_size()
+    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel ({cfg.tensor_parallel}) "
+            f"x pipeline_parallel ({cfg.pipeline_parallel})"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_parallel,
+        pipeline_model_parallel_size=cfg.pipeline_parallel,
+        distributed_timeout_minutes=cfg.timeout_minutes,
+    )
+    # Same seed on every process: the model-parallel tracker offsets it per TP rank itself.
+    torch.manual_seed(cfg.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _init_process_group(timeout_minutes: int) -> None:
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a plain `python` run: a group of one, no rendezvous needed
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# CPU adapter for megatron-core
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_rng_state(device: int | str | torch.device = -1, clone: bool = False,
+                   graph_safe: bool = False) -> torch.Tensor:
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1,
+                       graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cuda_is_cpu():
+    """`tensor.cuda()` as the identity, for megatron code that moves tensors to "the" GPU."""
+    return _patched(torch.Tensor, "cuda", lambda self, *a, **k: self)
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def _without_cuda(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_is_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper.__ark_cpu_adapted__ = True
+    return wrapper
+
+
+class _CudaLiteralsToCpu:
+    """Stands in for `torch` inside one megatron module: `device="cuda"` becomes the CPU."""
+
+    def __init__(self, real_torch):
+        self._torch = real_torch
+
+    def __getattr__(self, name):
+        attr = getattr(self._torch, name)
+        if name in ("zeros", "ones", "empty", "tensor", "full"):
+            @functools.wraps(attr)
+            def on_cpu(*args, **kwargs):
+                if str(kwargs.get("device", "")).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return attr(*args, **kwargs)
+
+            return on_cpu
+        return attr
+
+
+def adapt_megatron_to_cpu() -> None:
+    """Make the megatron-core paths ark_mega uses run on the CPU. Idempotent; CPU only.
+
+    Sites:
+      1. `torch.cuda.current_device()` is used as an allocation device -> the CPU device.
+      2. the CUDA RNG-state helpers of the model-parallel RNG tracker -> the CPU generator
+         (the tracker also calls `torch.cuda.get_rng_state`/`manual_seed` directly).
+      3. `device="cuda"` literals in `pipeline_parallel.schedules` -> the CPU.
+      4. `LanguageModule.setup_embeddings_and_output_layer` moves the tied output weight with
+         `.cuda()` before its all-reduce at PP > 1 -> stays on the CPU.
+      5. `torch.cuda.synchronize()` after pipeline sends / receives -> nothing to wait for
+         (gloo's CPU collectives are synchronous).
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError("adapt_megatron_to_cpu is only for processes without CUDA")
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # site 1
+
+    mp_random._get_cuda_rng_state = _cpu_rng_state  # site 2
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = torch.manual_seed
+
+    if not isinstance(schedules.torch, _CudaLiteralsToCpu):  # site 3
+        schedules.torch = _CudaLiteralsToCpu(torch)
+
+    module = language_module.LanguageModule  # site 4
+    if not getattr(module.setup_embeddings_and_output_layer, "__ark_cpu_adapted__", False):
+        module.setup_embeddings_and_output_layer = _without_cuda(
+            module.setup_embeddings_and_output_layer
+        )
+
+    torch.cuda.synchronize = lambda device=None: None  # site 5

@@ -1,0 +1,124 @@
+"""AudioLM: audio encoder + adapter + megatron GPT decoder, one pipeline stage of it.
+
+The encoder lives on the first pipeline stage with the embedding; its output replaces the
+embeddings of the audio placeholder tokens, in order of appearance. The decoder takes either a
+padded batch (`input_ids` [b, s], right padding) or a packed one (`input_ids` [1, t] with
+`cu_seqlens`: no attention across utterances, RoPE positions restart per utterance).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from .audio_encoders import AuTEncoder, WhisperEncoder
+from .config import AudioLMConfig
+from .megatron_config import decoder_config, encoder_config
+from .specs import decoder_layer_spec, te_available
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    cu = cu_seqlens.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+class AudioLM(MegatronModule):
+    def __init__(self, cfg: AudioLMConfig, dtype: torch.dtype = torch.float32,
+                 pre_process: bool | None = None, post_process: bool | None = None,
+                 use_te: bool | None = None):
+        dec = cfg.decoder
+        config = decoder_config(dec, dtype)
+        super().__init__(config=config)
+        if pre_process is None:
+            pre_process = parallel_state.is_pipeline_first_stage()
+        if post_process is None:
+            post_process = parallel_state.is_pipeline_last_stage()
+        if use_te is None:
+            use_te = te_available()
+        self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            enc_config = encoder_config(cfg.encoder, dtype)
+            if cfg.family == "ark_asr":
+                self.encoder = WhisperEncoder(cfg.encoder, enc_config, dec.hidden_size, use_te)
+            else:
+                self.encoder = AuTEncoder(cfg.encoder, enc_config, use_te)
+        self.gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_layer_spec(dec.qk_norm, use_te),
+            vocab_size=dec.vocab_size,
+            max_sequence_length=dec.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=dec.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=dec.rotary_base,
+        )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive their input here (megatron schedules)."""
+        self.gpt.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids: torch.Tensor, audio_features: list[torch.Tensor] | None) -> torch.Tensor:
+        """Token embeddings [s, b, h] with audio embeddings at the placeholder positions."""
+        emb = self.gpt.embedding(input_ids=input_ids, position_ids=None)
+        if not audio_features:
+            return emb
+        audio, _ = self.encoder(audio_features)
+        is_audio = (input_ids == self.cfg.audio_token_id).transpose(0, 1)  # [s, b] like emb
+        # Placeholders are filled in batch-major order of appearance, utterance by utterance.
+        order = is_audio.transpose(0, 1).reshape(-1).nonzero().squeeze(-1)
+        if order.numel() != audio.shape[0]:
+            raise ValueError(f"{order.numel()} audio placeholder tokens for {audio.shape[0]} "
+                             f"audio embeddings")
+        s, b = is_audio.shape
+        flat = emb.transpose(0, 1).reshape(b * s, -1).clone()
+        flat[order] = audio.to(flat.dtype)
+        return flat.reshape(b, s, -1).transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor | None,
+                audio_features: list[torch.Tensor] | None = None,
+                cu_seqlens: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Vocab-parallel logits [s, b, V/tp] on the last stage (or the final hidden states
+        [s, b, h] with `return_hidden`); the hidden states to send on, elsewhere.
+
+        `input_ids` is [b, s]; packed input is [1, t] with `cu_seqlens` [n + 1].
+        """
+        packed = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
+        decoder_input = self.embed(input_ids, audio_features) if self.pre_process else None
+        if packed is not None:
+            rope_len = packed.max_seqlen_q
+        else:
+            rope_len = input_ids.shape[1] if input_ids is not None else self._input_len()
+        hidden = self.gpt.decoder(hidden_states=decoder_input, attention_mask=None,
+                                  rotary_pos_emb=self.gpt.rotary_pos_emb(rope_len),
+                                  packed_seq_params=packed)
+        if not self.post_process or return_hidden:
+            return hidden
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.gpt.output_layer(hidden, weight=weight)
+        return logits
+
+    # The two members megatron's finalize_model_grads reads to sum the gradients of tied
+    # embedding / output weights across the first and last pipeline stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.gpt.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.gpt.shared_embedding_or_output_weight()
+
+    def _input_len(self) -> int:
+        return self.gpt.decoder.input_tensor.shape[0]

@@ -1,0 +1,71 @@
+"""Our model shapes -> megatron-core TransformerConfig."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .config import AuTEncoderConfig, DecoderConfig, WhisperEncoderConfig
+
+
+def _common(dtype: torch.dtype) -> dict:
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # CPU init draws each full weight from the global RNG before sharding it, so a model
+        # is initialised identically at every TP size; GPU init draws shards on the device.
+        use_cpu_initialization=not on_gpu,
+        # The fusions below need CUDA kernels (apex / TE / triton) that the CPU path lacks.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+
+
+def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_query_groups=cfg.num_kv_heads,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        qk_layernorm=cfg.qk_norm,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        **_common(dtype),
+    )
+
+
+def encoder_config(cfg: WhisperEncoderConfig | AuTEncoderConfig,
+                   dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """Encoders live whole on the first pipeline stage: pipeline size 1 for their blocks."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=cfg.layernorm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        pipeline_model_parallel_size=1,
+        **_common(dtype),
+    )
