@@ -67,3 +67,16 @@ def test_placeholder_count_must_match_audio(student):
     ids = torch.tensor([[1, 2, cfg.audio_token_id, 3]])
     with pytest.raises(ValueError, match="1 audio placeholder tokens for 8 audio embeddings"):
         student(ids, [torch.randn(16, 64)])
+
+
+def test_real_presets_have_transformers_parameter_counts(single_rank):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "model_sizes", __file__.replace("tests/test_models.py", "tools/model_sizes.py"))
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    for name in ("ark_asr_0p6b", "qwen3_asr_0p6b", "qwen3_asr_1p7b"):
+        cfg = preset(name)
+        assert sizes.our_count(cfg) == sizes.hf_count(cfg), name
+    assert 0.55e9 < sizes.our_count(preset("ark_asr_0p6b")) < 0.65e9

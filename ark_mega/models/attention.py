@@ -101,6 +101,7 @@ class QKVLinearWithoutKeyBias(ColumnParallelLinear):
         group_mask = torch.ones(group_width)
         group_mask[q_per_group * hn:(q_per_group + 1) * hn] = 0.0
         self.register_buffer("bias_mask", group_mask.repeat(groups_here), persistent=False)
+        self.key_bias_entries = groups_here * hn  # bias entries held at zero
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         out, bias = super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
