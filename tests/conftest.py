@@ -1,10 +1,18 @@
+import json
 import os
+import socket
+import subprocess
 import sys
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Test helpers (hf_reference.py, parity.py) are imported by name, in-process and under torchrun.
 sys.path.insert(0, os.path.dirname(__file__))
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +22,16 @@ def single_rank():
 
     init_parallel(ParallelConfig())
     yield
+
+
+def torchrun(script: str, *args: str, nproc: int = 2) -> list[dict]:
+    """Run tests/<script> under torchrun on the CPU; return the JSON lines it printed."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(port), os.path.join(os.path.dirname(__file__), script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

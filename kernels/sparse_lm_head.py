@@ -1,0 +1,126 @@
+"""Student logits at the union ids only: logits[n, u] = hidden[n] · W[ids[n, u]].
+
+The student never forms [N, V] logits in training. With tensor parallelism each rank owns the
+vocabulary rows [vocab_start, vocab_start + V_local) of the output layer: it computes the
+entries whose ids it owns (zero elsewhere) and one all-reduce completes every row. Backward
+gives the hidden-state gradient (all-reduced across the TP group, as for any column-parallel
+layer's input) and a row-scattered gradient for this rank's weight shard. Invalid ids (-1) and
+ids owned by other ranks give 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+)
+
+from ._backend import next_pow2, use_triton
+
+
+def _local_ids(ids, vocab_start, v_local):
+    local = ids - vocab_start
+    owned = (ids >= 0) & (local >= 0) & (local < v_local)
+    return local.where(owned, 0), owned
+
+
+def sparse_logits_reference(hidden, weight, ids, vocab_start: int = 0):
+    """This rank's part: hidden [N, H], weight shard [V_local, H], ids [N, U] -> [N, U]."""
+    local, owned = _local_ids(ids, vocab_start, weight.shape[0])
+    logits = torch.einsum("nh,nuh->nu", hidden, weight[local])
+    return logits.masked_fill(~owned, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
+                UP: tl.constexpr, BLOCK_H: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.arange(0, UP)
+    ids = tl.load(ids_ptr + n * u + cols, mask=cols < u, other=-1)
+    local = ids - vocab_start
+    owned = (ids >= 0) & (local >= 0) & (local < v_local)
+    acc = tl.zeros([UP], dtype=tl.float32)
+    for h0 in range(0, hdim, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h = tl.load(h_ptr + n * hdim + hs, mask=hs < hdim, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + local[:, None] * hdim + hs[None, :],
+                    mask=owned[:, None] & (hs[None, :] < hdim), other=0.0).to(tl.float32)
+        acc += tl.sum(w * h[None, :], axis=1)
+    tl.store(out_ptr + n * u + cols, acc, mask=cols < u)
+
+
+@triton.jit
+def _bwd_kernel(g_ptr, h_ptr, w_ptr, ids_ptr, gh_ptr, gw_ptr, u, hdim, vocab_start, v_local,
+                UP: tl.constexpr, BLOCK_H: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.arange(0, UP)
+    ids = tl.load(ids_ptr + n * u + cols, mask=cols < u, other=-1)
+    local = ids - vocab_start
+    owned = (ids >= 0) & (local >= 0) & (local < v_local)
+    g = tl.load(g_ptr + n * u + cols, mask=owned, other=0.0).to(tl.float32)
+    for h0 in range(0, hdim, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        in_h = hs < hdim
+        w = tl.load(w_ptr + local[:, None] * hdim + hs[None, :],
+                    mask=owned[:, None] & in_h[None, :], other=0.0).to(tl.float32)
+        tl.store(gh_ptr + n * hdim + hs, tl.sum(g[:, None] * w, axis=0), mask=in_h)
+        h = tl.load(h_ptr + n * hdim + hs, mask=in_h, other=0.0).to(tl.float32)
+        tl.atomic_add(gw_ptr + local[:, None] * hdim + hs[None, :], g[:, None] * h[None, :],
+                      mask=owned[:, None] & in_h[None, :])
+
+
+def _launch_shape(u: int, hdim: int):
+    up = next_pow2(u)
+    return up, max(16, min(next_pow2(hdim), 8192 // up))
+
+
+class _SparseLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, vocab_start):
+        n, hdim = hidden.shape
+        u = ids.shape[1]
+        hidden, weight, ids = hidden.contiguous(), weight.contiguous(), ids.contiguous()
+        out = torch.empty(n, u, dtype=torch.float32, device=hidden.device)
+        up, block_h = _launch_shape(u, hdim)
+        _fwd_kernel[(n,)](hidden, weight, ids, out, u, hdim, vocab_start, weight.shape[0],
+                          UP=up, BLOCK_H=block_h)
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.vocab_start = vocab_start
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, ids = ctx.saved_tensors
+        n, hdim = hidden.shape
+        u = ids.shape[1]
+        grad_h = torch.empty(n, hdim, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        up, block_h = _launch_shape(u, hdim)
+        _bwd_kernel[(n,)](grad_out.contiguous(), hidden, weight, ids, grad_h, grad_w, u, hdim,
+                          ctx.vocab_start, weight.shape[0], UP=up, BLOCK_H=block_h)
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None
+
+
+def sparse_lm_head(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                   vocab_start: int = 0, tensor_parallel: bool = False,
+                   impl: str = "auto") -> torch.Tensor:
+    """Logits [N, U] (float32) at global vocabulary `ids` [N, U] from hidden [N, H] and this
+    rank's output-layer shard [V_local, H] starting at `vocab_start`.
+
+    With `tensor_parallel`, the partial logits are summed over megatron's TP group (and the
+    hidden-state gradient likewise).
+    """
+    if hidden.shape[0] != ids.shape[0] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and ids "
+                         f"{tuple(ids.shape)} do not fit [N, H], [V, H], [N, U]")
+    if tensor_parallel:
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+    if use_triton(impl, hidden):
+        logits = _SparseLogits.apply(hidden, weight, ids, int(vocab_start))
+    else:
+        logits = sparse_logits_reference(hidden, weight, ids, vocab_start).float()
+    if tensor_parallel:
+        logits = reduce_from_tensor_model_parallel_region(logits)
+    return logits

@@ -1,0 +1,138 @@
+"""Teacher top-k ids and log-probabilities, and log-probabilities at the student's ids.
+
+log p(v) = z_v - logsumexp(z) over the full vocabulary. From vocab-parallel logits (or from
+hidden states and the output-layer shard, one vocabulary chunk at a time) without a float32
+log-softmax copy of [N, V]: each shard gives its row logsumexp and its logits at the student
+ids in one pass (Triton kernel) and its top-k candidates (torch.topk in the logits' own dtype);
+the TP group all-gathers k candidates and the logsumexps per rank, and a final top-k picks
+the global top-k.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from ._backend import next_pow2, use_triton
+
+
+class TeacherTopK(NamedTuple):
+    ids: torch.Tensor  # [N, k] int64, global vocabulary ids
+    logprobs: torch.Tensor  # [N, k] float32
+    logprobs_at_student: torch.Tensor  # [N, ks] float32 (student ids outside the vocabulary: -inf)
+
+
+def teacher_topk_reference(full_logits: torch.Tensor, k: int, student_ids: torch.Tensor) -> TeacherTopK:
+    """The definition, on full-vocabulary logits [N, V]."""
+    logp = torch.log_softmax(full_logits.float(), dim=-1)
+    vals, ids = logp.topk(k, dim=-1)
+    inside = (student_ids >= 0) & (student_ids < logp.shape[1])
+    at_student = logp.gather(1, student_ids.clamp(0, logp.shape[1] - 1))
+    return TeacherTopK(ids, vals, at_student.masked_fill(~inside, float("-inf")))
+
+
+@triton.jit
+def _lse_gather_kernel(z_ptr, sid_ptr, lse_ptr, at_ptr, v, ks, chunk_start,
+                       BLOCK_V: tl.constexpr, KSP: tl.constexpr):
+    n = tl.program_id(0)
+    m = float("-inf")
+    acc = 0.0
+    for v0 in range(0, v, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_ptr + n * v + vs, mask=vs < v, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    tl.store(lse_ptr + n, m + tl.log(acc))
+    cols = tl.arange(0, KSP)
+    sid = tl.load(sid_ptr + n * ks + cols, mask=cols < ks, other=-1) - chunk_start
+    owned = (sid >= 0) & (sid < v) & (cols < ks)
+    z_at = tl.load(z_ptr + n * v + sid, mask=owned, other=0.0).to(tl.float32)
+    tl.store(at_ptr + n * ks + cols, z_at, mask=cols < ks)
+
+
+def _chunk_stats(logits, student_ids, chunk_start: int, impl: str):
+    """Row logsumexp [N] (float32) and logits at the student ids this chunk owns [N, ks]
+    (0 elsewhere), in one pass over the chunk in its own dtype."""
+    n, v = logits.shape
+    if not use_triton(impl, logits):
+        local = student_ids - chunk_start
+        owned = (local >= 0) & (local < v)
+        at = logits.gather(1, local.clamp(0, v - 1)).float().masked_fill(~owned, 0.0)
+        return torch.logsumexp(logits.float(), dim=-1), at
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    at = torch.empty(student_ids.shape, dtype=torch.float32, device=logits.device)
+    _lse_gather_kernel[(n,)](logits.contiguous(), student_ids.contiguous(), lse, at, v,
+                             student_ids.shape[1], chunk_start, BLOCK_V=1024,
+                             KSP=next_pow2(student_ids.shape[1]))
+    return lse, at
+
+
+class _Running:
+    """Streaming merge of vocabulary chunks: logsumexp, top-k candidates, logits at student ids."""
+
+    def __init__(self, n, k, ks, device):
+        self.lse = torch.full((n,), float("-inf"), device=device)
+        self.vals = torch.full((n, k), float("-inf"), device=device)
+        self.ids = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        self.at = torch.zeros(n, ks, device=device)
+        self.k = k
+
+    def add(self, logits, start, student_ids, impl):
+        lse, at = _chunk_stats(logits, student_ids, start, impl)
+        self.lse = torch.logaddexp(self.lse, lse)
+        self.at += at
+        vals, ids = logits.topk(min(self.k, logits.shape[1]), dim=-1)
+        self.vals, self.ids = _top_of(torch.cat([self.vals, vals.float()], 1),
+                                      torch.cat([self.ids, ids + start], 1), self.k)
+
+
+def _top_of(vals, ids, k):
+    top, pick = vals.topk(k, dim=-1)
+    return top, ids.gather(1, pick)
+
+
+def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None = None,
+                 hidden: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 vocab_start: int = 0, tp_group=None,
+                 chunk: int = 16384, impl: str = "auto") -> TeacherTopK:
+    """Top-k of the teacher's distribution and its log-probs at `student_ids` [N, ks].
+
+    Give either this rank's vocab-parallel `logits` [N, V_local], or `hidden` [N, H] with the
+    output-layer shard `weight` [V_local, H] (logits are then formed `chunk` vocabulary rows at a
+    time). `vocab_start` is the global id of the shard's first row; `tp_group` the group whose
+    shards make up the vocabulary (None: this shard is the whole vocabulary).
+    """
+    if (logits is None) == (hidden is None):
+        raise ValueError("give exactly one of logits or hidden (+ weight)")
+    v_local = logits.shape[1] if logits is not None else weight.shape[0]
+    n = student_ids.shape[0]
+    device = student_ids.device
+    run = _Running(n, k, student_ids.shape[1], device)
+    if logits is not None:
+        run.add(logits, vocab_start, student_ids, impl)
+    else:
+        for c0 in range(0, v_local, chunk):
+            run.add(hidden @ weight[c0:c0 + chunk].t(), vocab_start + c0, student_ids, impl)
+
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        size = dist.get_world_size(tp_group)
+        lses = [torch.empty_like(run.lse) for _ in range(size)]
+        vals = [torch.empty_like(run.vals) for _ in range(size)]
+        ids = [torch.empty_like(run.ids) for _ in range(size)]
+        dist.all_gather(lses, run.lse, group=tp_group)
+        dist.all_gather(vals, run.vals, group=tp_group)
+        dist.all_gather(ids, run.ids, group=tp_group)
+        dist.all_reduce(run.at, group=tp_group)
+        run.lse = torch.logsumexp(torch.stack(lses), dim=0)
+        run.vals, run.ids = _top_of(torch.cat(vals, 1), torch.cat(ids, 1), k)
+        v_total = v_local * size
+    else:
+        v_total = v_local
+    inside = (student_ids >= 0) & (student_ids < v_total)
+    at = (run.at - run.lse[:, None]).masked_fill(~inside, float("-inf"))
+    return TeacherTopK(run.ids, run.vals - run.lse[:, None], at)

@@ -1,0 +1,167 @@
+"""The fused OPD kernels against float64 references on fresh random inputs (on CPU the Triton
+kernels run in Triton's interpreter)."""
+
+import pytest
+import torch
+
+from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
+from ark_mega.kernels.sparse_lm_head import sparse_logits_reference
+from ark_mega.kernels.teacher_topk import teacher_topk_reference
+from ark_mega.kernels.union_kl import union_kl_reference
+
+V = 300
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def topk_pair(n, k, seed, overlap=0.5):
+    """Unique teacher and student top-k ids per row, sharing about `overlap` of them."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.rand(n, V, generator=gen).topk(k, dim=-1).indices
+    scores = torch.rand(n, V, generator=gen)
+    shared = torch.rand(n, k, generator=gen) < overlap
+    scores.scatter_(1, teacher, torch.where(shared, 2.0, 0.0))
+    student = scores.topk(k, dim=-1).indices
+    return teacher, student
+
+
+@pytest.mark.parametrize("k", [1, 32, 64])
+def test_union_support_matches_sets(k):
+    n = 21
+    teacher, student = topk_pair(n, k, seed=k)
+    teacher[3] = -1  # an all-invalid row
+    student[3] = -1
+    teacher[5, : k // 2 + 1] = -1  # unmappable teacher ids
+    gen = torch.Generator().manual_seed(k + 1)
+    t_scores, s_scores = torch.randn(n, k, generator=gen), torch.randn(n, k, generator=gen)
+    got = union_support(teacher, student, t_scores, s_scores, impl="triton")
+    ref = union_support(teacher, student, t_scores, s_scores, impl="torch")
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    for row in range(n):
+        ids = got.ids[row][got.valid[row]].tolist()
+        expected = {i for i in teacher[row].tolist() + student[row].tolist() if i >= 0}
+        assert len(ids) == len(set(ids)) and set(ids) == expected
+        score_of = dict(zip(teacher[row].tolist(), t_scores[row].tolist()))
+        score_of.update({i: s for i, s in zip(student[row].tolist(), s_scores[row].tolist())
+                         if i not in score_of})
+        for i, s in zip(got.ids[row].tolist(), got.teacher_scores[row].tolist()):
+            assert s == (score_of[i] if i >= 0 else 0.0)
+    assert got.vuss.item() == pytest.approx(got.valid.sum().item() / n)
+    assert got.valid[3].sum() == 0
+
+
+def kl_inputs(n, u, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, u, generator=gen) * 3).to(dtype)
+    t = (torch.randn(n, u, generator=gen) * 3).log_softmax(-1).to(dtype)
+    valid = torch.rand(n, u, generator=gen) < 0.7
+    valid[0] = False  # no valid entry
+    valid[1] = False
+    valid[1, 0] = True  # one valid entry: not counted
+    return s, t, valid
+
+
+@pytest.mark.parametrize("u", [2, 64, 128])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_union_kl_kernel_against_float64(u, tau):
+    s, t, valid = kl_inputs(33, u, seed=u)
+    s_k = s.clone().requires_grad_()
+    loss = union_kl(s_k, t, valid, tau, impl="triton")
+    loss.backward()
+    s64 = s.double().requires_grad_()
+    ref = union_kl_reference(s64, t.double(), valid, tau)
+    ref.backward()
+    assert rel(loss, ref) < 1e-5
+    assert rel(s_k.grad, s64.grad) < 1e-5
+    assert torch.all(s_k.grad[~valid] == 0) and torch.all(s_k.grad[:2] == 0)
+
+
+def test_union_kl_reference_is_the_paper_equation():
+    s, t, valid = kl_inputs(7, 6, seed=3, dtype=torch.float64)
+    tau, total, rows = 2.0, 0.0, 0
+    for i in range(7):
+        m = valid[i]
+        if m.sum() < 2:
+            continue
+        p = torch.softmax(t[i][m] / tau, 0)
+        q = torch.softmax(s[i][m] / tau, 0)
+        total += tau ** 2 * (p * (p.log() - q.log())).sum()
+        rows += 1
+    assert union_kl_reference(s, t, valid, tau).item() == pytest.approx(total.item() / rows, rel=1e-12)
+
+
+def test_union_kl_reference_gradcheck():
+    s, t, valid = kl_inputs(5, 6, seed=4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: union_kl_reference(x, t, valid, 2.0),
+                                    (s.requires_grad_(),))
+
+
+@pytest.mark.parametrize("u", [2, 64, 128])
+def test_sparse_lm_head_against_float64(u):
+    n, h = 19, 40
+    gen = torch.Generator().manual_seed(u)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(V, h, generator=gen)
+    ids = torch.randint(0, V, (n, u), generator=gen)
+    ids[torch.rand(n, u, generator=gen) < 0.2] = -1
+    ids[2] = -1
+    hk, wk = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    g = torch.randn(n, u, generator=gen)
+    out = sparse_lm_head(hk, wk, ids, impl="triton")
+    (out * g).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = sparse_logits_reference(h64, w64, ids)
+    (ref * g.double()).sum().backward()
+    assert rel(out, ref) < 1e-5
+    assert torch.all(out[ids < 0] == 0)
+    assert rel(hk.grad, h64.grad) < 1e-5 and rel(wk.grad, w64.grad) < 1e-5
+
+
+def test_sparse_lm_head_shard_owns_its_rows_only():
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(V, 8, generator=gen)
+    ids = torch.randint(0, V, (4, 16), generator=gen)
+    full = sparse_lm_head(hidden, weight, ids, impl="triton")
+    halves = [sparse_lm_head(hidden, weight[a:a + V // 2], ids, vocab_start=a, impl="triton")
+              for a in (0, V // 2)]
+    assert torch.allclose(halves[0] + halves[1], full, atol=1e-6)
+    assert torch.all(halves[0][ids >= V // 2] == 0)
+
+
+def test_sparse_lm_head_reference_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 4, -1], [8, 8, 2], [-1, -1, -1]])
+    assert torch.autograd.gradcheck(lambda h, w: sparse_logits_reference(h, w, ids), (hidden, weight))
+
+
+@pytest.mark.parametrize("k", [1, 32, 64])
+def test_teacher_topk_from_logits_and_hidden(k):
+    n, h = 9, 16
+    gen = torch.Generator().manual_seed(k)
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(V, h, generator=gen)
+    logits = hidden @ weight.t()
+    student = torch.randint(0, V, (n, k), generator=gen)
+    student[0, 0], student[1, -1] = -1, V + 5  # outside the vocabulary
+    ref = teacher_topk_reference(logits.double(), k, student)
+    for got in (teacher_topk(k, student, logits=logits, impl="triton"),
+                teacher_topk(k, student, hidden=hidden, weight=weight, chunk=64, impl="triton")):
+        assert torch.equal(got.ids, ref.ids)
+        assert rel(got.logprobs, ref.logprobs) < 1e-5
+        finite = torch.isfinite(ref.logprobs_at_student)
+        assert torch.equal(finite, torch.isfinite(got.logprobs_at_student))
+        assert rel(got.logprobs_at_student[finite], ref.logprobs_at_student[finite]) < 1e-5
+        assert torch.isinf(got.logprobs_at_student[0, 0]) and torch.isinf(got.logprobs_at_student[1, -1])
+
+
+def test_vocab_parallel_kernels_at_tp2_equal_tp1():
+    from conftest import torchrun
+
+    (record,) = torchrun("dist_kernels.py")
+    assert set(record["max_abs_diff"]) == {"sparse_lm_head", "teacher_topk_logits",
+                                           "teacher_topk_hidden"}
+    assert record["passed"], record
