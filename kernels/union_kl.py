@@ -26,7 +26,7 @@ def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0):
 
 
 @triton.jit
-def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, grad_ptr, n_rows, u, inv_tau,
+def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_rows, u, inv_tau,
                      UP: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, UP)
@@ -52,6 +52,7 @@ def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, grad_ptr, n_rows, u, inv_t
     kl = tl.sum(tl.where(ok, p * (log_p - log_q), 0.0), axis=1)
     tau = 1.0 / inv_tau
     tl.store(kl_ptr + rows, tl.where(counted, kl * tau * tau, 0.0), mask=rows < n_rows)
+    tl.store(counted_ptr + rows, counted.to(tl.int32), mask=rows < n_rows)
     grad = tl.where(ok & counted[:, None], (q - p) * tau, 0.0)
     tl.store(grad_ptr + offs, grad, mask=inside)
 
@@ -61,13 +62,14 @@ class _UnionKL(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_scores, valid, tau):
         n, u = student_logits.shape
         kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
+        counted = torch.empty(n, dtype=torch.int32, device=student_logits.device)
         grad = torch.empty(n, u, dtype=torch.float32, device=student_logits.device)
         up = next_pow2(u)
         block_n = max(1, min(64, 8192 // up))
         _union_kl_kernel[(triton.cdiv(n, block_n),)](
-            student_logits.contiguous(), teacher_scores.contiguous(),
-            valid.contiguous().to(torch.int8), kl, grad, n, u, 1.0 / tau, UP=up, BLOCK_N=block_n)
-        count = (valid.sum(-1) >= 2).sum().clamp(min=1)
+            student_logits.contiguous(), teacher_scores.contiguous(), valid.contiguous(), kl,
+            counted, grad, n, u, 1.0 / tau, UP=up, BLOCK_N=block_n)
+        count = counted.sum().clamp(min=1)
         ctx.save_for_backward(grad, count)
         ctx.dtype = student_logits.dtype
         return (kl.sum() / count).to(student_logits.dtype)

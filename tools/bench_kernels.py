@@ -1,0 +1,162 @@
+"""Benchmark: the OPD loss head, naive PyTorch path against the fused kernels, in one run.
+
+    python tools/bench_kernels.py                 # H100 defaults: N=16384, V=151936, H=1024, k=32, bf16
+    python tools/bench_kernels.py --smoke         # tiny shapes on the CPU: checks the script runs
+
+naive: full student logits [N, V] = hidden @ W^T, gather at the union ids, log-softmax over the
+       union, KL, backward through all of it (PyTorch references).
+fused: sparse LM head at the union ids + union KL (Triton kernels), forward and backward.
+Reports the median time of forward + backward (CUDA events, triton.testing.do_bench), the peak
+memory above the inputs, and the union-KL kernel's bandwidth against a device-to-device copy
+measured in the same run. Writes the numbers as JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+
+def make_inputs(n, v, h, k, dtype, device, seed=0):
+    from ark_mega.kernels import union_support
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, device=device, dtype=dtype)
+    weight = torch.randn(v, h, generator=gen, device=device, dtype=dtype) * h ** -0.5
+    # top-k ids: random, about half shared between teacher and student
+    teacher = torch.randint(0, v, (n, k), generator=gen, device=device)
+    student = torch.randint(0, v, (n, k), generator=gen, device=device)
+    shared = torch.rand(n, k, generator=gen, device=device) < 0.5
+    student = torch.where(shared, teacher, student)
+    t_scores = torch.randn(n, k, generator=gen, device=device).log_softmax(-1)
+    s_scores = torch.randn(n, k, generator=gen, device=device).log_softmax(-1) - 2.0
+    support = union_support(teacher, student, t_scores, s_scores)
+    return hidden, weight, support
+
+
+def naive_step(hidden, weight, support, tau):
+    from ark_mega.kernels.union_kl import union_kl_reference
+
+    logits = hidden @ weight.t()  # [N, V]
+    s = logits.gather(1, support.ids.clamp(min=0)).float()
+    loss = union_kl_reference(s, support.teacher_scores, support.valid, tau)
+    loss.backward()
+    return loss
+
+
+def fused_step(hidden, weight, support, tau, impl):
+    from ark_mega.kernels import sparse_lm_head, union_kl
+
+    s = sparse_lm_head(hidden, weight, support.ids, impl=impl)
+    loss = union_kl(s, support.teacher_scores, support.valid, tau, impl=impl)
+    loss.backward()
+    return loss
+
+
+def timed(fn, device, reps):
+    if device.type != "cuda":
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def peak_mib(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--tau", type=float, default=1.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+
+    if args.smoke:
+        args.n, args.vocab, args.hidden, args.k = 64, 512, 32, 4
+        device, dtype, impl, reps = torch.device("cpu"), torch.float32, "torch", 2
+    else:
+        if not torch.cuda.is_available():
+            print("this benchmark needs a CUDA GPU; --smoke checks the script on the CPU")
+            return 2
+        device, dtype, impl, reps = torch.device("cuda"), torch.bfloat16, "triton", 0
+
+    hidden, weight, support = make_inputs(args.n, args.vocab, args.hidden, args.k, dtype, device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def run(step):
+        def fn():
+            hidden.grad = weight.grad = None
+            step()
+        return fn
+
+    naive = run(lambda: naive_step(hidden, weight, support, args.tau))
+    fused = run(lambda: fused_step(hidden, weight, support, args.tau, impl))
+
+    # the two paths compute one loss and one gradient
+    hidden.grad = weight.grad = None
+    loss_naive = naive_step(hidden, weight, support, args.tau)
+    g_naive = hidden.grad.float().clone()
+    hidden.grad = weight.grad = None
+    loss_fused = fused_step(hidden, weight, support, args.tau, impl)
+    g_fused = hidden.grad.float()
+    grad_rel = ((g_fused - g_naive).norm() / g_naive.norm()).item()
+
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+        "shape": dict(N=args.n, V=args.vocab, H=args.hidden, k=args.k, dtype=str(dtype)),
+        "loss_naive": loss_naive.item(), "loss_fused": loss_fused.item(),
+        "hidden_grad_rel_diff": grad_rel,
+        "naive_ms": timed(naive, device, reps), "fused_ms": timed(fused, device, reps),
+        "naive_peak_mib": peak_mib(naive, device), "fused_peak_mib": peak_mib(fused, device),
+    }
+    result["speedup"] = result["naive_ms"] / result["fused_ms"]
+    result["memory_ratio"] = result["naive_peak_mib"] / result["fused_peak_mib"]
+
+    if device.type == "cuda":
+        from ark_mega.kernels.union_kl import _UnionKL
+
+        s = torch.randn(support.ids.shape, device=device)
+        kl_ms = timed(lambda: _UnionKL.apply(s, support.teacher_scores, support.valid, args.tau),
+                      device, reps)
+        n_el = s.numel()
+        kl_bytes = n_el * (4 + 4 + 1 + 4) + s.shape[0] * 4  # read s, t, valid; write grad, kl
+        src = torch.empty(2**28, dtype=torch.float32, device=device).normal_()
+        dst = torch.empty_like(src)
+        copy_ms = timed(lambda: dst.copy_(src), device, reps)
+        result["union_kl_gbps"] = kl_bytes / kl_ms / 1e6
+        result["copy_gbps"] = 2 * src.numel() * 4 / copy_ms / 1e6
+        result["union_kl_fraction_of_copy"] = result["union_kl_gbps"] / result["copy_gbps"]
+
+    for key, val in result.items():
+        print(f"{key:>28}: {val}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
