@@ -1,0 +1,73 @@
+"""The committed demo corpus (examples/data, made by tools/make_demo_data.py) is well formed."""
+
+import json
+import os
+import re
+
+import pytest
+
+sf = pytest.importorskip("soundfile")
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data")
+SPLITS = ("train", "heldout")
+FIELDS = {"audio": str, "text": str, "task": str, "begin_time": int, "end_time": int, "language": str}
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def load(split: str) -> list[dict]:
+    path = os.path.join(DATA, f"{split}.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict]]:
+    return {split: load(split) for split in SPLITS}
+
+
+def test_manifest_fields(manifests):
+    for split, rows in manifests.items():
+        assert rows, split
+        for r in rows:
+            assert set(r) == set(FIELDS), r
+            for key, typ in FIELDS.items():
+                assert type(r[key]) is typ, (key, r)
+            assert r["task"] == "asr" and r["begin_time"] == -1 and r["end_time"] == -1
+            assert r["language"] in ("en", "zh")
+            assert r["text"].strip() == r["text"] and r["text"]
+            assert not os.path.isabs(r["audio"]) and r["audio"].startswith(f"audio/{split}/")
+
+
+def test_audio_files(manifests):
+    for split, rows in manifests.items():
+        paths = [r["audio"] for r in rows]
+        assert len(set(paths)) == len(paths), split
+        for r in rows:
+            path = os.path.join(DATA, r["audio"])  # relative to the manifest's folder
+            assert os.path.isfile(path), path
+            info = sf.info(path)
+            assert info.format == "FLAC" and info.subtype == "PCM_16", (path, info)
+            assert info.samplerate == 16000 and info.channels == 1, path
+            assert 0.5 <= info.frames / info.samplerate <= 10.0, (path, info.duration)
+
+
+def test_splits_and_languages(manifests):
+    texts = {split: [r["text"] for r in rows] for split, rows in manifests.items()}
+    for split in SPLITS:
+        assert len(set(texts[split])) == len(texts[split]), f"repeated sentence in {split}"
+        langs = {r["language"] for r in manifests[split]}
+        assert langs == {"en", "zh"}, (split, langs)
+    assert not set(texts["heldout"]) & set(texts["train"]), "held-out text in train"
+    assert len(manifests["train"]) >= 300 and len(manifests["heldout"]) >= 60
+    for rows in manifests.values():
+        for r in rows:
+            if r["language"] == "zh":
+                assert CJK.search(r["text"]) and not re.search(r"[A-Za-z0-9]", r["text"]), r
+            else:
+                assert r["text"].isascii() and not CJK.search(r["text"]), r
+
+
+def test_folder_size():
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DATA) for f in fs)
+    assert total < 20 * 1024 * 1024, total
+    assert os.path.isfile(os.path.join(DATA, "README.md"))
