@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ark_mega.convert.hf_configs import glmasr_config, qwen3_asr_config
-from ark_mega.models.audio_encoders import aut_audio_tokens, whisper_audio_tokens
+from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
 from ark_mega.models.config import AudioLMConfig
 
 LAYOUT = {"ark_asr": "glmasr", "qwen3_asr": "qwen3_asr"}

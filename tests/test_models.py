@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ark_mega.models import AudioLM, preset
-from ark_mega.models.audio_encoders import aut_audio_tokens, whisper_audio_tokens
+from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
 
 
 @pytest.fixture(scope="module")

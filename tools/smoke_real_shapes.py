@@ -25,7 +25,7 @@ def main() -> int:
 
     from ark_mega.distributed import ParallelConfig, destroy_parallel, device, init_parallel
     from ark_mega.models import AudioLM, preset
-    from ark_mega.models.audio_encoders import aut_audio_tokens, whisper_audio_tokens
+    from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
     from ark_mega.models.specs import te_available
     from ark_mega.pipeline import run_pipeline
 

@@ -22,27 +22,9 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from ..audio_tokens import aut_audio_tokens, conv_stack_length
 from .config import AuTEncoderConfig, WhisperEncoderConfig
 from .specs import encoder_layer_spec
-
-
-def whisper_audio_tokens(mel_frames: int, merge_factor: int = 4) -> int:
-    """Audio tokens the Whisper encoder + adapter make of `mel_frames` frames."""
-    return max(1, ((mel_frames + 1) // 2) // merge_factor)
-
-
-def aut_audio_tokens(mel_frames: int, n_window: int = 50) -> int:
-    """Audio tokens the AuT encoder makes of `mel_frames` frames (13 per full 100-frame chunk)."""
-    chunk = 2 * n_window
-    full, rest = divmod(mel_frames, chunk)
-    tokens_per_chunk = _conv_stack_length(chunk)
-    return full * tokens_per_chunk + (_conv_stack_length(rest) if rest else 0)
-
-
-def _conv_stack_length(frames: int) -> int:
-    for _ in range(3):  # three (k=3, s=2, p=1) convolutions
-        frames = (frames - 1) // 2 + 1
-    return frames
 
 
 def _packed(lengths: list[int], device) -> PackedSeqParams:
@@ -160,7 +142,7 @@ class AuTEncoder(MegatronModule):
         self.conv2d1 = nn.Conv2d(1, c, 3, 2, padding=1, dtype=dt)
         self.conv2d2 = nn.Conv2d(c, c, 3, 2, padding=1, dtype=dt)
         self.conv2d3 = nn.Conv2d(c, c, 3, 2, padding=1, dtype=dt)
-        freq = _conv_stack_length(cfg.num_mel_bins)
+        freq = conv_stack_length(cfg.num_mel_bins)
         self.conv_out = nn.Linear(c * freq, cfg.hidden_size, bias=False, dtype=dt)
         self.positions = SinusoidalPositions(cfg.max_source_positions, cfg.hidden_size)
         self.block = TransformerBlock(config=config, spec=encoder_layer_spec(True, use_te),
@@ -185,7 +167,7 @@ class AuTEncoder(MegatronModule):
         x = F.gelu(self.conv2d3(x))
         n, ch, fr, t = x.shape
         x = self.conv_out(x.permute(0, 3, 1, 2).reshape(n, t, ch * fr)) + self.positions(t).to(dtype)
-        keep = torch.tensor([_conv_stack_length(k) for k in chunk_frames], device=device)
+        keep = torch.tensor([conv_stack_length(k) for k in chunk_frames], device=device)
         frames = x[torch.arange(t, device=device)[None, :] < keep[:, None]]
 
         window = cfg.max_source_positions * (cfg.n_window_infer // chunk)

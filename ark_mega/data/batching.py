@@ -1,0 +1,186 @@
+"""Token-budget sampling and packed (or padded) decoder batches.
+
+The budget counts decoder tokens, audio placeholders included: that is what the decoder
+processes. `TokenBudgetSampler` is lhotse's DynamicBucketingSampler (length buckets, dynamic
+batch sizes, sharded by data-parallel rank, deterministic for a seed) with a
+`DecoderTokenBudget` constraint, and a state that a resumed run restores to continue exactly
+where it stopped.
+
+`Collator` turns the sampler's cuts into a `Batch`: per-utterance log-mel features for the
+encoder, and for the decoder either one packed sequence [1, T] with `cu_seqlens` (no attention
+across utterances) or a right-padded [B, S] batch. Labels are next-token targets; the loss mask
+covers each utterance's answer and stop token only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from lhotse import CutSet
+from lhotse.cut import Cut
+from lhotse.dataset import DynamicBucketingSampler
+from lhotse.dataset.sampling.base import SamplingConstraint
+
+from .features import SAMPLE_RATE, LogMel, num_frames
+from .prompts import Prompt, PromptBuilder
+
+
+def cut_frames(cut: Cut) -> int:
+    return num_frames(int(round(cut.duration * SAMPLE_RATE)))
+
+
+def cut_text(cut: Cut) -> str:
+    return cut.supervisions[0].text
+
+
+class TokenCounter:
+    """Decoder tokens of a cut under a prompt builder (prompt + answer + stop)."""
+
+    def __init__(self, prompts: PromptBuilder):
+        self.prompts = prompts
+
+    def __call__(self, cut: Cut) -> int:
+        p = self.prompts
+        return (len(p.prefix) + p.audio_tokens(cut_frames(cut)) + len(p.suffix)
+                + len(p.answer(cut_text(cut), cut.supervisions[0].language)))
+
+
+@dataclass
+class DecoderTokenBudget(SamplingConstraint):
+    """At most `max_tokens` decoder tokens per batch, summed (packed batches pay no padding)."""
+
+    max_tokens: int
+    count: Callable[[Cut], int]
+    current: int = 0
+    longest: int = 0
+
+    def add(self, example: Cut) -> None:
+        n = self.count(example)
+        if n > self.max_tokens:
+            raise ValueError(f"cut {example.id} needs {n} decoder tokens, more than the whole "
+                             f"batch budget of {self.max_tokens}")
+        self.current += n
+        self.longest = max(self.longest, n)
+
+    def exceeded(self) -> bool:
+        return self.current > self.max_tokens
+
+    def close_to_exceeding(self) -> bool:
+        return self.current + self.longest > self.max_tokens
+
+    def reset(self) -> None:
+        self.current = self.longest = 0
+
+    def measure_length(self, example: Cut) -> float:
+        return self.count(example)
+
+
+class TokenBudgetSampler(DynamicBucketingSampler):
+    def __init__(self, cuts: CutSet, max_tokens: int, count: Callable[[Cut], int],
+                 num_buckets: int = 10, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):
+        super().__init__(cuts, constraint=DecoderTokenBudget(max_tokens, count),
+                         num_buckets=num_buckets, shuffle=shuffle, seed=seed, rank=rank,
+                         world_size=world_size, drop_last=drop_last)
+
+    # lhotse refuses to save the state of a sampler with a custom constraint; the constraint
+    # is rebuilt from the run's config, so the state needs only its budget, for a check.
+    def state_dict(self) -> dict:
+        constraint, self.constraint = self.constraint, None
+        try:
+            state = super().state_dict()
+        finally:
+            self.constraint = constraint
+        state["max_tokens"] = constraint.max_tokens
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        saved = state.pop("max_tokens")
+        if saved != self.constraint.max_tokens:
+            raise ValueError(f"the saved sampler used a budget of {saved} tokens, this run "
+                             f"{self.constraint.max_tokens}")
+        super().load_state_dict(state)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [1, T] packed or [B, S] padded
+    labels: torch.Tensor  # same shape: the next token
+    loss_mask: torch.Tensor  # same shape: True on answer positions
+    cu_seqlens: torch.Tensor | None  # [n + 1] for packed batches (a padding segment last, if any)
+    audio_features: list[torch.Tensor]  # per utterance [mel_bins, frames]
+    cut_ids: list[str]
+    texts: list[str]
+    num_tokens: int  # real decoder tokens (no padding)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / tokens processed."""
+        return self.num_tokens / self.input_ids.numel()
+
+
+class Collator:
+    """Cuts -> Batch. `pad_to` gives packed batches a fixed length (pipeline stages exchange
+    tensors of one shape); the filler is a separate segment that nothing attends across."""
+
+    def __init__(self, prompts: PromptBuilder, features: LogMel | None = None,
+                 packed: bool = True, pad_to: int | None = None, pad_id: int | None = None):
+        self.prompts, self.packed, self.pad_to = prompts, packed, pad_to
+        self.features = features or LogMel()
+        self.pad_id = prompts.stop_id if pad_id is None else pad_id
+
+    def __call__(self, cuts: CutSet) -> Batch:
+        cuts = list(cuts)
+        waves = [torch.from_numpy(c.load_audio()[0]) for c in cuts]
+        feats = self.features(waves)
+        prompts = [self.prompts.build(f.shape[-1], cut_text(c), c.supervisions[0].language)
+                   for c, f in zip(cuts, feats)]
+        decoder = self._packed(prompts) if self.packed else self._padded(prompts)
+        return Batch(*decoder, audio_features=feats, cut_ids=[c.id for c in cuts],
+                     texts=[cut_text(c) for c in cuts],
+                     num_tokens=sum(len(p.input_ids) for p in prompts))
+
+    @staticmethod
+    def _targets(p: Prompt) -> tuple[list[int], list[bool]]:
+        ids = p.input_ids
+        labels = ids[1:] + [ids[-1]]
+        # position t predicts token t + 1: answer tokens start at num_prompt
+        mask = [p.num_prompt - 1 <= t < len(ids) - 1 for t in range(len(ids))]
+        return labels, mask
+
+    def _packed(self, prompts: list[Prompt]):
+        ids, labels, mask, lengths = [], [], [], []
+        for p in prompts:
+            lab, m = self._targets(p)
+            ids += p.input_ids
+            labels += lab
+            mask += m
+            lengths.append(len(p.input_ids))
+        if self.pad_to is not None:
+            if len(ids) > self.pad_to:
+                raise ValueError(f"packed batch of {len(ids)} tokens exceeds pad_to={self.pad_to}")
+            filler = self.pad_to - len(ids)
+            if filler:
+                ids += [self.pad_id] * filler
+                labels += [self.pad_id] * filler
+                mask += [False] * filler
+                lengths.append(filler)
+        cu = torch.tensor([0] + lengths).cumsum(0)
+        as_row = lambda x, dt: torch.tensor(x, dtype=dt)[None]  # noqa: E731
+        return (as_row(ids, torch.long), as_row(labels, torch.long), as_row(mask, torch.bool), cu)
+
+    def _padded(self, prompts: list[Prompt]):
+        width = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        labels = ids.clone()
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            lab, m = self._targets(p)
+            n = len(p.input_ids)
+            ids[i, :n] = torch.tensor(p.input_ids)
+            labels[i, :n] = torch.tensor(lab)
+            mask[i, :n] = torch.tensor(m)
+        return ids, labels, mask, None

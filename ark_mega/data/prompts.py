@@ -1,0 +1,104 @@
+"""Chat prompts with audio placeholders, tokenised, for the student and the teacher.
+
+A prompt is `prefix + audio_token * n + suffix`, then the answer and the stop token. `n` is the
+number of audio embeddings the model's encoder makes of the utterance's mel frames, so the
+placeholders line up exactly with what `AudioLM.embed` splices in. Tokenizers are loaded from
+local `tokenizer.json` files (`tokenizers` library); their special tokens must include the
+template's.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Callable
+
+from tokenizers import Tokenizer
+
+from ..audio_tokens import aut_audio_tokens, whisper_audio_tokens
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    prefix: str  # before the audio placeholders
+    audio_token: str  # one per audio embedding
+    suffix: str  # between the audio and the answer
+    answer: str  # the assistant's answer; "{text}" and "{language}" are filled in
+    stop: str = "<|im_end|>"
+
+
+# Ark-ASR (Qwen2 chat format; its audio tokens are added on top of the Qwen tokenizer).
+ARK_ASR = ChatTemplate(
+    prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+           "<|begin_of_audio|>",
+    audio_token="<|audio|>",
+    suffix="<|end_of_audio|>Transcribe the audio.<|im_end|>\n<|im_start|>assistant\n",
+    answer="{text}",
+)
+
+# Qwen3-ASR: the answer names the language, then the transcript.
+QWEN3_ASR = ChatTemplate(
+    prefix="<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|audio_start|>",
+    audio_token="<|audio_pad|>",
+    suffix="<|audio_end|><|im_end|>\n<|im_start|>assistant\n",
+    answer="language {language}<asr_text>{text}",
+)
+
+ARK_SPECIAL_TOKENS = ("<|audio|>", "<|begin_of_audio|>", "<|end_of_audio|>")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN3_ASR_SPECIAL_TOKENS = ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<asr_text>")
+
+
+def infer_language(text: str) -> str:
+    """"Chinese" when CJK ideographs are at least a third of the letters, else "English"."""
+    letters = [ch for ch in text if ch.isalpha()]
+    cjk = sum(1 for ch in letters if "CJK" in unicodedata.name(ch, ""))
+    return "Chinese" if letters and cjk * 3 >= len(letters) else "English"
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]  # prompt, then answer and stop token when a text was given
+    num_prompt: int  # tokens before the answer
+    num_audio: int  # audio placeholders
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate,
+                 audio_tokens: Callable[[int], int]):
+        self.tokenizer, self.template, self.audio_tokens = tokenizer, template, audio_tokens
+        self.audio_id = self._special(template.audio_token)
+        self.stop_id = self._special(template.stop)
+        self.prefix = self.encode(template.prefix)
+        self.suffix = self.encode(template.suffix)
+
+    @classmethod
+    def student(cls, tokenizer: Tokenizer, merge_factor: int = 4) -> "PromptBuilder":
+        return cls(tokenizer, ARK_ASR, lambda frames: whisper_audio_tokens(frames, merge_factor))
+
+    @classmethod
+    def teacher(cls, tokenizer: Tokenizer, n_window: int = 50) -> "PromptBuilder":
+        return cls(tokenizer, QWEN3_ASR, lambda frames: aut_audio_tokens(frames, n_window))
+
+    def _special(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no token {token!r}, which the chat template needs")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def answer(self, text: str, language: str | None = None) -> list[int]:
+        """Answer tokens for `text`, stop token included."""
+        language = language or infer_language(text)
+        return self.encode(self.template.answer.format(text=text, language=language)) + [self.stop_id]
+
+    def build(self, mel_frames: int, text: str | None = None,
+              language: str | None = None) -> Prompt:
+        n = self.audio_tokens(mel_frames)
+        ids = self.prefix + [self.audio_id] * n + self.suffix
+        num_prompt = len(ids)
+        if text is not None:
+            ids = ids + self.answer(text, language)
+        return Prompt(ids, num_prompt, n)
