@@ -1,11 +1,11 @@
 """Audio data: manifests -> validated lhotse cuts -> features, prompts and packed batches."""
 
-from .batching import Batch, Collator, TokenBudgetSampler, TokenCounter
+from .batching import Batch, Collator, CutBatches, TokenBudgetSampler, TokenCounter
 from .features import LogMel
 from .manifests import LoadPolicy, ManifestError, SkipReport, load_manifest
 from .prompts import PromptBuilder, infer_language
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
-__all__ = ["Batch", "Collator", "LoadPolicy", "LogMel", "ManifestError", "PromptBuilder",
+__all__ = ["Batch", "Collator", "CutBatches", "LoadPolicy", "LogMel", "ManifestError", "PromptBuilder",
            "SkipReport", "TokenBudgetSampler", "TokenCounter", "infer_language", "load_manifest",
            "load_tokenizer", "train_bpe_tokenizer"]

@@ -14,7 +14,8 @@ covers each utterance's answer and stop token only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -49,12 +50,20 @@ class TokenCounter:
 
 @dataclass
 class DecoderTokenBudget(SamplingConstraint):
-    """At most `max_tokens` decoder tokens per batch, summed (packed batches pay no padding)."""
+    """At most `max_tokens` decoder tokens per batch, summed (packed batches pay no padding).
+
+    lhotse's sampler adds a cut, then asks whether the batch is close to full; it cannot put a
+    cut back. All cuts of a batch come from one length bucket, so the batch is closed as soon
+    as one more cut as long as the bucket's upper edge could overflow it: the budget is never
+    exceeded. `bins` (the bucket edges) and `longest` (the longest cut) are set by the sampler.
+    """
 
     max_tokens: int
     count: Callable[[Cut], int]
-    current: int = 0
+    bins: list = field(default_factory=list)
     longest: int = 0
+    current: int = 0
+    cap: int = 0  # upper edge of the current batch's bucket
 
     def add(self, example: Cut) -> None:
         n = self.count(example)
@@ -62,16 +71,17 @@ class DecoderTokenBudget(SamplingConstraint):
             raise ValueError(f"cut {example.id} needs {n} decoder tokens, more than the whole "
                              f"batch budget of {self.max_tokens}")
         self.current += n
-        self.longest = max(self.longest, n)
+        i = bisect.bisect_left(self.bins, n)
+        self.cap = max(self.cap, n, self.bins[i] if i < len(self.bins) else self.longest)
 
     def exceeded(self) -> bool:
         return self.current > self.max_tokens
 
     def close_to_exceeding(self) -> bool:
-        return self.current + self.longest > self.max_tokens
+        return self.current + self.cap > self.max_tokens
 
     def reset(self) -> None:
-        self.current = self.longest = 0
+        self.current = self.cap = 0
 
     def measure_length(self, example: Cut) -> float:
         return self.count(example)
@@ -81,9 +91,11 @@ class TokenBudgetSampler(DynamicBucketingSampler):
     def __init__(self, cuts: CutSet, max_tokens: int, count: Callable[[Cut], int],
                  num_buckets: int = 10, shuffle: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False):
-        super().__init__(cuts, constraint=DecoderTokenBudget(max_tokens, count),
-                         num_buckets=num_buckets, shuffle=shuffle, seed=seed, rank=rank,
-                         world_size=world_size, drop_last=drop_last)
+        budget = DecoderTokenBudget(max_tokens, count)
+        super().__init__(cuts, constraint=budget, num_buckets=num_buckets, shuffle=shuffle,
+                         seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        budget.bins = list(self.duration_bins)
+        budget.longest = max(count(c) for c in cuts)  # one pass over the cuts
 
     # lhotse refuses to save the state of a sampler with a custom constraint; the constraint
     # is rebuilt from the run's config, so the state needs only its budget, for a check.
@@ -184,3 +196,15 @@ class Collator:
             labels[i, :n] = torch.tensor(lab)
             mask[i, :n] = torch.tensor(m)
         return ids, labels, mask, None
+
+
+class CutBatches(torch.utils.data.Dataset):
+    """Map-style dataset over the sampler's CutSets, for torch's DataLoader
+    (`DataLoader(CutBatches(collator), sampler=sampler, batch_size=None, num_workers=n)`):
+    audio decoding, features and tokenisation run in the loader's workers."""
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __getitem__(self, cuts: CutSet) -> Batch:
+        return self.collator(cuts)

@@ -9,6 +9,7 @@ template's.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable
@@ -50,10 +51,11 @@ QWEN3_ASR_SPECIAL_TOKENS = ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
 
 
 def infer_language(text: str) -> str:
-    """"Chinese" when CJK ideographs are at least a third of the letters, else "English"."""
-    letters = [ch for ch in text if ch.isalpha()]
-    cjk = sum(1 for ch in letters if "CJK" in unicodedata.name(ch, ""))
-    return "Chinese" if letters and cjk * 3 >= len(letters) else "English"
+    """"Chinese" when there are at least as many CJK ideographs as Latin words (an ideograph
+    is about a word), else "English"."""
+    cjk = sum(1 for ch in text if "CJK UNIFIED" in unicodedata.name(ch, ""))
+    latin_words = len(re.findall(r"[A-Za-z]+", text))
+    return "Chinese" if cjk and cjk >= latin_words else "English"
 
 
 @dataclass
