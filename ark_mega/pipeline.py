@@ -18,7 +18,8 @@ from .models.audio_lm import AudioLM
 def _forward_step(loss_fn):
     def step(data_iterator, model: AudioLM):
         batch = next(data_iterator)
-        output = model(batch["input_ids"], batch.get("audio_features"), batch.get("cu_seqlens"))
+        output = model(batch["input_ids"], batch.get("audio_features"), batch.get("cu_seqlens"),
+                       return_hidden=batch.get("return_hidden", False))
         return output, lambda out: loss_fn(out, batch)
 
     return step
@@ -29,7 +30,8 @@ def run_pipeline(model: AudioLM, micro_batches: list[dict], loss_fn: Callable,
     """Forward (and backward unless `forward_only`) of `micro_batches` through all stages.
 
     Each micro-batch is a dict with `input_ids` [b, s] (or packed [1, t] with `cu_seqlens`) and,
-    for the first stage, `audio_features`. All micro-batches must have one shape: the stages
+    for the first stage, `audio_features`; `return_hidden: True` hands `loss_fn` the final hidden
+    states instead of logits. All micro-batches must have one shape: the stages
     exchange tensors of [s, b, hidden].
     """
     shapes = {tuple(b["input_ids"].shape) for b in micro_batches}

@@ -91,6 +91,10 @@ class _Running:
                                       torch.cat([self.ids, ids + start], 1), self.k)
 
 
+def _without(logits, blocked):
+    return logits if blocked is None else logits.masked_fill(blocked, float("-inf"))
+
+
 def _top_of(vals, ids, k):
     top, pick = vals.topk(k, dim=-1)
     return top, ids.gather(1, pick)
@@ -98,14 +102,15 @@ def _top_of(vals, ids, k):
 
 def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None = None,
                  hidden: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                 vocab_start: int = 0, tp_group=None,
+                 vocab_start: int = 0, tp_group=None, blocked: torch.Tensor | None = None,
                  chunk: int = 16384, impl: str = "auto") -> TeacherTopK:
     """Top-k of the teacher's distribution and its log-probs at `student_ids` [N, ks].
 
     Give either this rank's vocab-parallel `logits` [N, V_local], or `hidden` [N, H] with the
     output-layer shard `weight` [V_local, H] (logits are then formed `chunk` vocabulary rows at a
     time). `vocab_start` is the global id of the shard's first row; `tp_group` the group whose
-    shards make up the vocabulary (None: this shard is the whole vocabulary).
+    shards make up the vocabulary (None: this shard is the whole vocabulary). `blocked` (bool
+    [V_local], this shard's part) removes ids from the distribution before anything is taken.
     """
     if (logits is None) == (hidden is None):
         raise ValueError("give exactly one of logits or hidden (+ weight)")
@@ -114,10 +119,12 @@ def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None 
     device = student_ids.device
     run = _Running(n, k, student_ids.shape[1], device)
     if logits is not None:
-        run.add(logits, vocab_start, student_ids, impl)
+        run.add(_without(logits, blocked), vocab_start, student_ids, impl)
     else:
         for c0 in range(0, v_local, chunk):
-            run.add(hidden @ weight[c0:c0 + chunk].t(), vocab_start + c0, student_ids, impl)
+            part = hidden @ weight[c0:c0 + chunk].t()
+            run.add(_without(part, None if blocked is None else blocked[c0:c0 + chunk]),
+                    vocab_start + c0, student_ids, impl)
 
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         size = dist.get_world_size(tp_group)

@@ -50,6 +50,9 @@ QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN3_ASR_SPECIAL_TOKENS = ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<asr_text>")
 
 
+LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
+
+
 def infer_language(text: str) -> str:
     """"Chinese" when there are at least as many CJK ideographs as Latin words (an ideograph
     is about a word), else "English"."""
@@ -91,10 +94,15 @@ class PromptBuilder:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def answer_prefix(self, language: str) -> list[int]:
+        """The answer's tokens before the transcript (Qwen3-ASR: `language X<asr_text>`)."""
+        return self.encode(self.template.answer.format(text="", language=language))
+
     def answer(self, text: str, language: str | None = None) -> list[int]:
-        """Answer tokens for `text`, stop token included."""
-        language = language or infer_language(text)
-        return self.encode(self.template.answer.format(text=text, language=language)) + [self.stop_id]
+        """Answer tokens for `text`, stop token included. `language` may be a manifest code
+        ("en", "zh") or a name; without it the language is inferred from the text."""
+        name = LANGUAGE_NAMES.get(language, language) if language else infer_language(text)
+        return self.answer_prefix(name) + self.encode(text) + [self.stop_id]
 
     def build(self, mel_frames: int, text: str | None = None,
               language: str | None = None) -> Prompt:

@@ -87,28 +87,39 @@ class AudioLM(MegatronModule):
     def forward(self, input_ids: torch.Tensor | None,
                 audio_features: list[torch.Tensor] | None = None,
                 cu_seqlens: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False,
+                attention_mask: torch.Tensor | None = None,
+                inference_context=None) -> torch.Tensor:
         """Vocab-parallel logits [s, b, V/tp] on the last stage (or the final hidden states
         [s, b, h] with `return_hidden`); the hidden states to send on, elsewhere.
 
-        `input_ids` is [b, s]; packed input is [1, t] with `cu_seqlens` [n + 1].
+        `input_ids` is [b, s]; packed input is [1, t] with `cu_seqlens` [n + 1]. Generation
+        passes a megatron `inference_context` (KV cache) and a boolean `attention_mask`
+        [b, 1, s, kv] that is True where attention is blocked (left padding).
         """
         packed = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
         decoder_input = self.embed(input_ids, audio_features) if self.pre_process else None
-        if packed is not None:
+        if inference_context is not None:
+            rope_len = inference_context.max_sequence_length
+        elif packed is not None:
             rope_len = packed.max_seqlen_q
         else:
             rope_len = input_ids.shape[1] if input_ids is not None else self._input_len()
-        hidden = self.gpt.decoder(hidden_states=decoder_input, attention_mask=None,
+        hidden = self.gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                                   rotary_pos_emb=self.gpt.rotary_pos_emb(rope_len),
-                                  packed_seq_params=packed)
+                                  packed_seq_params=packed, inference_context=inference_context)
         if not self.post_process or return_hidden:
             return hidden
         return self.logits(hidden)
 
+    def output_weight(self) -> torch.Tensor:
+        """This rank's vocabulary shard of the output layer [V/tp, h] (last stage)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.gpt.output_layer.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.gpt.output_layer(hidden, weight=weight)
+        logits, _ = self.gpt.output_layer(hidden, weight=self.output_weight())
         return logits
 
     # The two members megatron's finalize_model_grads reads to sum the gradients of tied

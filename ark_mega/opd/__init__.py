@@ -1,0 +1,1 @@
+"""The three-stage recipe: SFT, teacher-data adaptation (TD) and on-policy distillation (OPD)."""

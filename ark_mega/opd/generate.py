@@ -1,0 +1,140 @@
+"""Batched autoregressive generation with a KV cache, inside our megatron model.
+
+Prompts are left-padded to one length, so every row writes its next token at the same cache
+position (megatron's static KV cache); padded keys are masked out, and since RoPE scores depend
+only on relative positions the shift changes nothing. Each step runs the pipeline stages in
+turn (activations sent stage to stage), the last stage picks the next tokens from the
+vocab-parallel logits (blocked ids removed; greedy, or sampling with temperature / top-p among
+the top-k), and broadcasts them to every stage. The student's top-k ids at every generated
+position are kept for the OPD union.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from ..kernels import teacher_topk
+from ..models.audio_lm import AudioLM
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 32  # candidates kept per step (the student top-k of the OPD union)
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    tokens: list[list[int]]  # generated ids per utterance, stop token excluded
+    stopped: list[bool]  # whether the utterance ended with the stop token
+    # top-k ids [n_i, k] at each scored position: one per generated token, plus the stop
+    # token's position when it was generated. Kept on the last pipeline stage (None elsewhere).
+    topk_ids: list[torch.Tensor] | None = None
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _send_recv_hidden(model: AudioLM, shape, device, dtype):
+    """Receive this stage's input from the previous stage (all but the first)."""
+    if ps.is_pipeline_first_stage():
+        return
+    buf = torch.empty(shape, device=device, dtype=dtype)
+    dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
+    model.set_input_tensor(buf)
+
+
+def _stage_step(model: AudioLM, ids, audio, mask, context, hidden_size, dtype):
+    """One forward of this pipeline stage; logits on the last stage, None elsewhere."""
+    device = ids.device
+    _send_recv_hidden(model, (ids.shape[1], ids.shape[0], hidden_size), device, dtype)
+    out = model(ids, audio, attention_mask=mask, inference_context=context)
+    if not ps.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
+def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationConfig,
+          gen: torch.Generator):
+    """Next tokens [b] and the top-k ids [b, k] from this rank's vocabulary shard [b, V/tp]."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    v_local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * v_local
+    empty = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
+    top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=start,
+                       blocked=None if blocked is None else blocked[start:start + v_local],
+                       tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
+    if cfg.greedy:
+        return top.ids[:, 0], top.ids
+    probs = torch.softmax(top.logprobs / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= cfg.top_p, 0.0)
+    choice = torch.multinomial(probs.cpu(), 1, generator=gen).to(probs.device)
+    return top.ids.gather(1, choice)[:, 0], top.ids
+
+
+@torch.no_grad()
+def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torch.Tensor] | None,
+             stop_id: int, cfg: GenerationConfig, blocked: torch.Tensor | None = None,
+             pad_id: int = 0) -> Rollout:
+    """Generate up to `cfg.max_new_tokens` after each prompt. Every rank of the model's
+    pipeline calls this with the same prompts; `blocked` is a bool [V] of ids never generated."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    b, width = len(prompts), max(len(p) for p in prompts)
+    max_len = width + cfg.max_new_tokens
+    ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    is_pad = torch.ones(b, max_len, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        is_pad[i, width - len(p):] = False
+    # A padded query attends to itself only, so that no row of the softmax is empty.
+    own = torch.eye(width, dtype=torch.bool, device=device)
+    prefill_mask = (is_pad[:, None, None, :width] & ~own)
+    context = StaticInferenceContext(max_batch_size=b, max_sequence_length=max_len)
+    hidden_size, dtype = model.config.hidden_size, model.config.params_dtype
+    gen = torch.Generator().manual_seed(cfg.seed)
+    last = ps.is_pipeline_last_stage()
+    pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
+
+    tokens = [[] for _ in range(b)]
+    topk = [[] for _ in range(b)] if last else None
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    step_ids, step_audio, mask = ids, audio_features, prefill_mask
+    steps = 0
+    for steps in range(1, cfg.max_new_tokens + 1):
+        logits = _stage_step(model, step_ids, step_audio, mask, context, hidden_size, dtype)
+        context.sequence_len_offset += step_ids.shape[1]
+        nxt = torch.empty(b, dtype=torch.long, device=device)
+        if last:
+            nxt, top = _pick(logits[-1], blocked, cfg, gen)
+            for i in range(b):
+                if not done[i]:
+                    topk[i].append(top[i])
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nxt, src=pp_last_rank, group=ps.get_pipeline_model_parallel_group())
+        for i in range(b):
+            if not done[i] and nxt[i] != stop_id:
+                tokens[i].append(int(nxt[i]))
+        done |= nxt == stop_id
+        if bool(done.all()):
+            break
+        pos = context.sequence_len_offset
+        step_ids = torch.where(done, torch.full_like(nxt, pad_id), nxt)[:, None]
+        step_audio = None
+        mask = is_pad[:, None, None, : pos + 1]
+    model.train(was_training)
+    stacked = [torch.stack(t) if t else torch.empty(0, cfg.top_k, dtype=torch.long)
+               for t in topk] if last else None
+    return Rollout(tokens, done.tolist(), stacked, steps)

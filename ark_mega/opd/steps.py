@@ -1,0 +1,197 @@
+"""One gradient pass of each stage: SFT (cross-entropy on transcripts) and OPD.
+
+Both run through `run_pipeline` (megatron's schedules at PP > 1) and leave the gradients in
+the model; the trainer steps the optimizer. Metrics are valid on the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from ..data.batching import Batch
+from ..data.prompts import PromptBuilder, infer_language
+from ..kernels import sparse_lm_head, union_kl, union_support
+from ..models.audio_lm import AudioLM
+from ..pipeline import run_pipeline
+from .generate import GenerationConfig, generate
+from .scoring import packed, score
+from .token_map import TokenMap, align_by_characters
+
+
+def sft_step(model, batch: Batch) -> dict:
+    """Cross-entropy on the transcript tokens of a packed batch (loss mask), mean per token."""
+    device = next(model.parameters()).device
+    labels, mask = batch.labels[0].to(device), batch.loss_mask[0].to(device)
+
+    def loss_fn(logits, _):
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits[:, 0].float(), labels)
+        n = mask.sum().clamp(min=1)
+        loss = (losses * mask).sum() / n
+        return loss, {"loss": loss.detach(), "tokens": n.detach()}
+
+    micro = {"input_ids": batch.input_ids.to(device), "cu_seqlens": batch.cu_seqlens.to(device),
+             "audio_features": [f.to(device) for f in batch.audio_features]}
+    reports = run_pipeline(model, [micro], loss_fn, forward_only=False)
+    if not reports:
+        return {}
+    return {"loss": reports[0]["loss"].item(), "tokens": int(reports[0]["tokens"])}
+
+
+@dataclass
+class OPDConfig:
+    top_k: int = 32
+    temperature: float = 1.0  # tau of the loss
+    fallback_to_reference: bool = False  # an empty rollout is replaced by the reference text
+    generation: GenerationConfig = None
+
+    def __post_init__(self):
+        self.generation = self.generation or GenerationConfig(top_k=self.top_k)
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+
+
+class OPDStep:
+    """Rollout -> teacher scoring -> union support -> student forward/backward on the union."""
+
+    def __init__(self, student, teacher: AudioLM, student_prompts: PromptBuilder,
+                 teacher_prompts: PromptBuilder, token_map: TokenMap, cfg: OPDConfig,
+                 blocked: torch.Tensor | None):
+        self.student, self.teacher = student, teacher  # student may be wrapped (DDP)
+        self.sp, self.tp_ = student_prompts, teacher_prompts
+        self.map, self.cfg, self.blocked = token_map, cfg, blocked
+
+    @property
+    def module(self) -> AudioLM:
+        return getattr(self.student, "module", self.student)
+
+    def __call__(self, batch: Batch) -> dict:
+        cfg, device = self.cfg, next(self.student.parameters()).device
+        feats = [f.to(device) for f in batch.audio_features]
+        frames = [f.shape[-1] for f in feats]
+        prompts = [self.sp.build(n) for n in frames]
+        t0 = time.perf_counter()
+        rollout = generate(self.module, [p.input_ids for p in prompts], feats, self.sp.stop_id,
+                           cfg.generation, self.blocked)
+        t1 = time.perf_counter()
+
+        # answers: the rollout (+ stop when generated), or the reference for empty rollouts
+        answers, fallback, empty = [], [], 0
+        for i, (tokens, stopped) in enumerate(zip(rollout.tokens, rollout.stopped)):
+            if tokens:
+                answers.append(tokens + ([self.sp.stop_id] if stopped else []))
+                fallback.append(False)
+                continue
+            empty += 1
+            if cfg.fallback_to_reference:
+                answers.append(self.sp.encode(batch.texts[i]) + [self.sp.stop_id])
+                fallback.append(True)
+            else:
+                answers.append([])
+                fallback.append(False)
+        keep = [i for i, a in enumerate(answers) if a]
+        metrics = {"rollout_nonempty": 1 - empty / len(answers), "fallbacks": sum(fallback),
+                   "rollout_len": sum(len(t) for t in rollout.tokens) / len(answers),
+                   "time_rollout": t1 - t0}
+        if not keep:
+            return {**metrics, "skipped": 1}
+        student_topk = self._student_topk(rollout, answers, fallback, keep, prompts, feats)
+        t2 = time.perf_counter()
+        union, mismatch = self._teacher_union(answers, keep, frames, feats, student_topk)
+        t3 = time.perf_counter()
+        metrics.update(time_teacher=t3 - t2)
+
+        seqs = [prompts[i].input_ids + answers[i] for i in keep]
+        positions = [[len(prompts[i].input_ids) - 1 + j for j in range(len(answers[i]))] for i in keep]
+        ids, cu = packed(seqs, device)
+        flat = torch.tensor([int(cu[n]) + p for n, pos in enumerate(positions) for p in pos],
+                            device=device)
+
+        def loss_fn(hidden, _):
+            weight = self.module.output_weight()
+            tp = ps.get_tensor_model_parallel_world_size()
+            start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
+            logits = sparse_lm_head(hidden[flat, 0], weight, union.ids, vocab_start=start,
+                                    tensor_parallel=tp > 1)
+            loss = union_kl(logits, union.teacher_scores, union.valid, cfg.temperature)
+            used = (union.valid.sum(1) >= 2).sum()
+            return loss, {"loss": loss.detach(), "positions": used, "vuss": union.vuss}
+
+        micro = {"input_ids": ids, "cu_seqlens": cu, "audio_features": [feats[i] for i in keep],
+                 "return_hidden": True}
+        reports = run_pipeline(self.student, [micro], loss_fn, forward_only=False)
+        metrics["time_student"] = time.perf_counter() - t3
+        if reports:
+            r = reports[0]
+            metrics.update(loss=r["loss"].item(), vuss=r["vuss"].item(),
+                           positions=int(r["positions"]), mismatch=mismatch)
+        return metrics
+
+    def _student_topk(self, rollout, answers, fallback, keep, prompts, feats):
+        """Student top-k ids [N, k] at every scored position (rows in `keep` order), on the
+        last pipeline stage (None elsewhere; every stage takes part in the scoring pass)."""
+        rows = {}
+        redo = [i for i in keep if fallback[i]]
+        top = None
+        if redo:  # references the student did not generate: score them by teacher forcing
+            top = score(self.module, [prompts[i].input_ids + answers[i] for i in redo],
+                        [feats[i] for i in redo],
+                        [[len(prompts[i].input_ids) - 1 + j for j in range(len(answers[i]))]
+                         for i in redo], self.cfg.top_k, blocked=self.blocked)
+        if not ps.is_pipeline_last_stage():
+            return None
+        if redo:
+            offset = 0
+            for i in redo:
+                rows[i] = top.ids[offset:offset + len(answers[i])]
+                offset += len(answers[i])
+        for i in keep:
+            if i not in rows:
+                rows[i] = rollout.topk_ids[i][: len(answers[i])]
+        return torch.cat([rows[i] for i in keep])
+
+    def _teacher_union(self, answers, keep, frames, feats, student_topk):
+        """Teacher-force the answers; return the union support (last stage) and mismatch rate."""
+        seqs, positions, aligned = [], [], []
+        for i in keep:
+            stop = answers[i][-1] == self.sp.stop_id
+            words = answers[i][:-1] if stop else answers[i]
+            text = self.sp.tokenizer.decode(words)
+            prefix = self.tp_.build(frames[i]).input_ids + self.tp_.answer_prefix(infer_language(text))
+            if self.map.identity:
+                body = list(words)
+                index = list(range(len(words)))
+            else:
+                s_enc = self.sp.tokenizer.encode(text, add_special_tokens=False)
+                t_enc = self.tp_.tokenizer.encode(text, add_special_tokens=False)
+                body = t_enc.ids
+                index = align_by_characters(s_enc.offsets, t_enc.offsets)
+                if len(s_enc.ids) != len(words):  # decode/encode did not round-trip
+                    index = [-1] * len(words)
+            if stop:
+                body = body + [self.tp_.stop_id]
+                index = index + [len(body) - 1]
+            seqs.append(prefix + body)
+            positions.append([len(prefix) - 1 + (j if j >= 0 else 0) for j in index])
+            aligned += [j >= 0 for j in index]
+        aligned = torch.tensor(aligned, dtype=torch.bool)
+        mismatch = 1.0 - aligned.float().mean().item()
+        if not ps.is_pipeline_last_stage():
+            # the teacher's stages still run their part of the pipeline
+            score(self.teacher, seqs, [feats[i] for i in keep], positions, self.cfg.top_k)
+            return None, mismatch
+        device = student_topk.device
+        at_teacher = self.map.to_teacher(student_topk)  # the student's candidates, teacher ids
+        top = score(self.teacher, seqs, [feats[i] for i in keep], positions, self.cfg.top_k,
+                    ids_to_score=at_teacher)
+        aligned = aligned.to(device)
+        teacher_ids = self.map.to_student(top.ids).masked_fill(~aligned[:, None], -1)
+        # a student candidate the teacher cannot score (no teacher token) leaves the support
+        student_ids = student_topk.masked_fill((at_teacher < 0) | ~aligned[:, None], -1)
+        union = union_support(teacher_ids, student_ids, top.logprobs,
+                              top.logprobs_at_student.nan_to_num(neginf=-1e4))
+        return union, mismatch
