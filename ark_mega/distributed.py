@@ -153,7 +153,9 @@ def adapt_megatron_to_cpu() -> None:
       1. `torch.cuda.current_device()` is used as an allocation device -> the CPU device.
       2. the CUDA RNG-state helpers of the model-parallel RNG tracker -> the CPU generator
          (the tracker also calls `torch.cuda.get_rng_state`/`manual_seed` directly).
-      3. `device="cuda"` literals in `pipeline_parallel.schedules` -> the CPU.
+      3. `device="cuda"` literals in `pipeline_parallel.schedules`, the optimizer modules
+         (`optimizer.optimizer`, `optimizer.clip_grads`) and `utils` (the local multi-tensor
+         L2 norm used for gradient clipping) -> the CPU.
       4. `LanguageModule.setup_embeddings_and_output_layer` moves the tied output weight with
          `.cuda()` before its all-reduce at PP > 1 -> stays on the CPU.
       5. `torch.cuda.synchronize()` after pipeline sends / receives -> nothing to wait for
@@ -161,7 +163,10 @@ def adapt_megatron_to_cpu() -> None:
     """
     if torch.cuda.is_available():
         raise RuntimeError("adapt_megatron_to_cpu is only for processes without CUDA")
+    from megatron.core import utils as mp_utils
     from megatron.core.models.common.language_module import language_module
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mp_optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -172,8 +177,9 @@ def adapt_megatron_to_cpu() -> None:
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.manual_seed = torch.manual_seed
 
-    if not isinstance(schedules.torch, _CudaLiteralsToCpu):  # site 3
-        schedules.torch = _CudaLiteralsToCpu(torch)
+    for module in (schedules, mp_optimizer, clip_grads, mp_utils):  # site 3
+        if not isinstance(module.torch, _CudaLiteralsToCpu):
+            module.torch = _CudaLiteralsToCpu(torch)
 
     module = language_module.LanguageModule  # site 4
     if not getattr(module.setup_embeddings_and_output_layer, "__ark_cpu_adapted__", False):
@@ -182,3 +188,17 @@ def adapt_megatron_to_cpu() -> None:
         )
 
     torch.cuda.synchronize = lambda device=None: None  # site 5
+
+    mp_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm  # site 6
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32, for CPU gradients: scale them so that their
+    total norm (already reduced over the model-parallel groups) is at most max_norm."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = param.decoupled_grad if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)

@@ -7,18 +7,17 @@ the model; the trainer steps the optimizer. Metrics are valid on the last pipeli
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from ..config import OPDSettings
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
 from ..kernels import sparse_lm_head, union_kl, union_support
 from ..models.audio_lm import AudioLM
 from ..pipeline import run_pipeline
-from .generate import GenerationConfig, generate
+from .generate import generate
 from .scoring import packed, score
 from .token_map import TokenMap, align_by_characters
 
@@ -42,24 +41,11 @@ def sft_step(model, batch: Batch) -> dict:
     return {"loss": reports[0]["loss"].item(), "tokens": int(reports[0]["tokens"])}
 
 
-@dataclass
-class OPDConfig:
-    top_k: int = 32
-    temperature: float = 1.0  # tau of the loss
-    fallback_to_reference: bool = False  # an empty rollout is replaced by the reference text
-    generation: GenerationConfig = None
-
-    def __post_init__(self):
-        self.generation = self.generation or GenerationConfig(top_k=self.top_k)
-        if isinstance(self.generation, dict):
-            self.generation = GenerationConfig(**self.generation)
-
-
 class OPDStep:
     """Rollout -> teacher scoring -> union support -> student forward/backward on the union."""
 
     def __init__(self, student, teacher: AudioLM, student_prompts: PromptBuilder,
-                 teacher_prompts: PromptBuilder, token_map: TokenMap, cfg: OPDConfig,
+                 teacher_prompts: PromptBuilder, token_map: TokenMap, cfg: OPDSettings,
                  blocked: torch.Tensor | None):
         self.student, self.teacher = student, teacher  # student may be wrapped (DDP)
         self.sp, self.tp_ = student_prompts, teacher_prompts

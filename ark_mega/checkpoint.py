@@ -1,0 +1,110 @@
+"""Checkpoints with megatron-core dist_checkpointing: atomic, keep-last-K, resumable, reshardable.
+
+A checkpoint is a folder `<dir>/step_000123/` holding the model (and optimizer and scheduler)
+as megatron sharded tensors, which load at any TP / PP layout, plus one small file per rank with
+what is not a tensor of the model: the step, the data sampler's state and the RNG states. It is
+written to `step_000123.tmp` and renamed into place when every rank has finished, so a crash
+mid-save never leaves a partial checkpoint under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    return [os.path.join(root, n) for n in names]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _rank_file(path: str) -> str:
+    return os.path.join(path, f"rank_{dist.get_rank():05d}.pt")
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded(model, optimizer, scheduler, loading: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    sd = {"model": model_sd}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    return sd
+
+
+def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None,
+         keep_last: int | None = None) -> str:
+    """Write checkpoint `step` under `root` (every rank calls this); return its folder."""
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_sharded(model, optimizer, scheduler, loading=False), tmp)
+    torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
+                "rng": rng_state(), **(extra or {})}, _rank_file(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True) -> dict:
+    """Load a checkpoint into `model` (and optimizer / scheduler) at the current layout;
+    return this rank's extra state (step, sampler, ...) with the RNG states restored.
+    With `optimizer=None` only the weights are read (e.g. initial weights of a new stage)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), path)
+    model.load_state_dict(state["model"], strict=strict)
+    if optimizer is None:
+        return {}
+    optimizer.load_state_dict(state["optimizer"])
+    rank_file = _rank_file(path)
+    if not os.path.isfile(rank_file):
+        raise FileNotFoundError(f"{path} has no state for rank {dist.get_rank()}: it was saved "
+                                f"with fewer ranks; resume at the same world size, or load its "
+                                f"weights only (as a stage's initial checkpoint)")
+    extra = torch.load(rank_file, weights_only=False)
+    if scheduler is not None and extra.get("scheduler") is not None:
+        scheduler.load_state_dict(extra["scheduler"])
+    set_rng_state(extra["rng"])
+    return extra

@@ -1,0 +1,159 @@
+"""Run configuration: typed dataclasses, YAML files and dotted command-line overrides.
+
+    cfg = load_config("examples/configs/demo_opd.yaml", ["optim.lr=1e-5", "steps=20"])
+
+Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .distributed import ParallelConfig
+from .opd.generate import GenerationConfig
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny_ark_asr"
+    overrides: dict = field(default_factory=dict)  # e.g. {"decoder.num_layers": 2}
+    checkpoint: str | None = None  # megatron checkpoint folder with the initial weights
+    tokenizer: str | None = None  # tokenizer.json (or its folder)
+
+
+@dataclass
+class DataConfig:
+    train: str = "examples/data/train.jsonl"
+    heldout: str | None = "examples/data/heldout.jsonl"
+    subset: float = 1.0  # fraction of the training manifest used (first records)
+    max_tokens: int = 4096  # decoder tokens per batch and data-parallel rank
+    num_buckets: int = 10
+    num_workers: int = 2
+    skip_bad: bool = False
+    max_skip_fraction: float = 0.01
+    max_duration: float = 30.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.005
+    clip_grad: float = 1.0
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    # megatron's distributed optimizer shards the optimizer state over data-parallel ranks; it
+    # needs reduce-scatter, which gloo lacks, so "auto" turns it on with CUDA only
+    distributed: str = "auto"  # auto | true | false
+
+
+@dataclass
+class OPDSettings:
+    top_k: int = 32
+    temperature: float = 1.0
+    fallback_to_reference: bool = False
+    min_token_map_coverage: float = 0.5
+    blocked_from: int | None = None  # ids >= this are never generated (151670 for Ark-ASR)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class RunConfig:
+    stage: str = "opd"  # sft | td | opd
+    name: str = "run"
+    output_dir: str = "runs/opd"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    opd: OPDSettings = field(default_factory=OPDSettings)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    steps: int = 100
+    seed: int = 1234
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    save_every: int = 100
+    keep_last: int = 3
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    log_every: int = 1
+    max_nonfinite_in_a_row: int = 5
+    eval_batch_tokens: int = 8192
+    td_manifest: str | None = None  # TD: where the teacher's transcripts go
+
+    def __post_init__(self):
+        if self.stage not in ("sft", "td", "opd"):
+            raise ValueError(f"stage must be sft, td or opd, got {self.stage!r}")
+        if self.stage in ("td", "opd") and self.teacher is None:
+            raise ValueError(f"stage {self.stage} needs a teacher model (teacher.preset, "
+                             f"teacher.checkpoint)")
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"config {where or 'root'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise KeyError(f"unknown config key {where + unknown[0]!r}; known here: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, where + key)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where):
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if is_union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            return value if isinstance(value, option) else _build(option, value, where + ".")
+    for option in options:
+        if option in (int, float, str, bool) and isinstance(value, option) and not (
+                option is int and isinstance(value, bool)):
+            return value
+        if option is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if typing.get_origin(option) is dict or option is dict:
+            if isinstance(value, dict):
+                return value
+    raise TypeError(f"config {where}: {value!r} is not a {hint}")
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise KeyError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional), then `key.sub=value` overrides (values parsed as YAML)."""
+    tree = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return _build(RunConfig, tree, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,335 @@
+"""The trainer: one megatron-core engine for the SFT, TD and OPD stages.
+
+    Trainer(cfg).run()
+
+Student (and, for TD / OPD, a frozen teacher in eval mode) share one TP / PP / DP layout. The
+student trains with megatron's DistributedDataParallel, megatron's optimizer (Adam, gradient
+clipping, the distributed optimizer with CUDA) and its LR schedules. Checkpoints are atomic,
+kept to the last K, and a restarted run resumes from the newest one: model, optimizer,
+scheduler, RNG and the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+from lhotse import CutSet
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from .. import checkpoint
+from ..config import ModelConfig, RunConfig, to_dict
+from ..data import Collator, CutBatches, LoadPolicy, PromptBuilder, TokenBudgetSampler, TokenCounter
+from ..data import load_manifest, load_tokenizer
+from ..distributed import device, init_parallel
+from ..eval import error_rate
+from ..models import AudioLM, AudioLMConfig, preset
+from .steps import OPDStep, sft_step
+from .token_map import TokenMap
+from .transcribe import blocked_ids, transcribe
+
+
+def build_model(mcfg: ModelConfig, prompts: PromptBuilder, dtype: torch.dtype) -> AudioLM:
+    """The preset with its overrides; vocabulary and audio token checked against the tokenizer."""
+    cfg = preset(mcfg.preset)
+    for dotted, value in mcfg.overrides.items():
+        node = cfg
+        *path, last = dotted.split(".")
+        for part in path:
+            node = getattr(node, part)
+        if not hasattr(node, last):
+            raise KeyError(f"model override {dotted!r}: no such field in preset {mcfg.preset}")
+        setattr(node, last, value)
+    cfg.audio_token_id = prompts.audio_id
+    size = prompts.tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > cfg.decoder.vocab_size:
+        raise ValueError(f"the tokenizer has {size} tokens, more than the model's vocabulary "
+                         f"({cfg.decoder.vocab_size}); set decoder.vocab_size")
+    cfg = AudioLMConfig.from_dict(cfg.to_dict())  # re-validated
+    return AudioLM(cfg, dtype=dtype).to(device())
+
+
+class MetricsLog:
+    """Per-step metrics to stdout (with progress), a JSONL file and TensorBoard; one writer."""
+
+    def __init__(self, out_dir: str, name: str, total_steps: int, writer: bool):
+        self.writer, self.total, self.t0 = writer, total_steps, time.perf_counter()
+        self.file = self.tb = None
+        if writer:
+            os.makedirs(out_dir, exist_ok=True)
+            self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: metrics go to metrics.jsonl only")
+        self.name = name
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.writer:
+            return
+        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{self.name}/{k}", v, step)
+        done = step / max(self.total, 1)
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in record.items() if k in SHOWN)
+        print(f"[{self.name}] [{bar}] step {step}/{self.total} {shown}", flush=True)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+SHOWN = ("loss", "vuss", "positions", "rollout_nonempty", "fallbacks", "mismatch", "rollout_len",
+         "tokens_per_s", "step_time", "lr")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        init_parallel(cfg.parallel)
+        on_gpu = torch.cuda.is_available()
+        self.dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32,
+                      "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+        self.dev = device()
+        if not cfg.student.tokenizer:
+            raise ValueError("student.tokenizer: a tokenizer.json is required")
+        self.sp = PromptBuilder.student(load_tokenizer(cfg.student.tokenizer))
+        self.student = build_model(cfg.student, self.sp, self.dtype)
+        if cfg.student.checkpoint:
+            checkpoint.load(cfg.student.checkpoint, self.student)
+        self.teacher = self.tp_ = None
+        if cfg.stage in ("td", "opd"):
+            self.tp_ = PromptBuilder.teacher(load_tokenizer(cfg.teacher.tokenizer or cfg.student.tokenizer))
+            self.teacher = build_model(cfg.teacher, self.tp_, self.dtype)
+            if not cfg.teacher.checkpoint:
+                raise ValueError(f"stage {cfg.stage}: teacher.checkpoint is required")
+            checkpoint.load(cfg.teacher.checkpoint, self.teacher)
+            self.teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        self.is_writer = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                          and ps.get_data_parallel_rank() == 0)
+        self._build_optimizer()
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_optimizer(self):
+        cfg, o = self.cfg, self.cfg.optim
+        distributed = {"auto": torch.cuda.is_available(), "true": True, "false": False}[o.distributed]
+        ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=distributed,
+                                                grad_reduce_in_fp32=True)
+        self.ddp = DistributedDataParallel(config=self.student.config, ddp_config=ddp_cfg,
+                                           module=self.student)
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
+            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+            use_distributed_optimizer=distributed), [self.ddp])
+        decay = "constant" if o.schedule == "constant" else o.schedule
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, 1),
+            lr_decay_style=decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant")
+
+    def _train_cuts(self) -> CutSet:
+        cfg = self.cfg
+        manifest = cfg.data.train
+        if cfg.stage == "td":
+            manifest = self._teacher_transcripts()
+        policy = LoadPolicy(skip_bad=cfg.data.skip_bad, max_skip_fraction=cfg.data.max_skip_fraction,
+                            max_duration=cfg.data.max_duration)
+        cuts, report = load_manifest(manifest, policy)
+        if report.skipped and self.is_writer:
+            print(report.summary())
+        cuts = list(cuts)
+        return CutSet.from_cuts(cuts[: max(1, int(len(cuts) * cfg.data.subset))])
+
+    def _teacher_transcripts(self) -> str:
+        """TD: the teacher transcribes the training audio, written as a manifest."""
+        cfg = self.cfg
+        out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
+        if os.path.isfile(out):
+            return out  # already made by this run before a restart
+        cuts, _ = load_manifest(cfg.data.train)
+        blocked = blocked_ids(self.tp_.tokenizer, self.tp_.stop_id, self.teacher.cfg.decoder.vocab_size,
+                              cfg.opd.blocked_from)
+        texts = transcribe(self.teacher, self.tp_, cuts, blocked,
+                           cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens)
+        if dist.get_rank() == 0:
+            base = os.path.dirname(os.path.abspath(out))
+            tmp = out + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                kept = 0
+                for c in cuts:
+                    text = texts[c.id].strip()
+                    if not text:
+                        continue  # an empty teacher transcript is no training target
+                    kept += 1
+                    src = c.recording.sources[0].source
+                    f.write(json.dumps({
+                        "audio": os.path.relpath(src, base), "text": text, "task": "asr",
+                        "begin_time": c.start, "end_time": c.start + c.duration,
+                        "language": c.supervisions[0].language,
+                        "source": {"teacher": cfg.teacher.checkpoint, "reference": c.supervisions[0].text,
+                                   "manifest": c.supervisions[0].custom["manifest"],
+                                   "line": c.supervisions[0].custom["line"]}}, ensure_ascii=False) + "\n")
+            os.replace(tmp, out)
+            print(f"TD: the teacher transcribed {len(cuts)} utterances, {kept} non-empty -> {out}")
+        dist.barrier()
+        return out
+
+    def _loader(self, cuts: CutSet, epoch: int, consumed: int):
+        cfg = self.cfg
+        counter = TokenCounter(self.sp)
+        sampler = TokenBudgetSampler(cuts, cfg.data.max_tokens, counter, num_buckets=cfg.data.num_buckets,
+                                     seed=cfg.seed, rank=ps.get_data_parallel_rank(),
+                                     world_size=ps.get_data_parallel_world_size())
+        sampler.set_epoch(epoch)
+        if consumed:  # resume: the position after the last batch the run used
+            scout = TokenBudgetSampler(cuts, cfg.data.max_tokens, counter,
+                                       num_buckets=cfg.data.num_buckets, seed=cfg.seed,
+                                       rank=ps.get_data_parallel_rank(),
+                                       world_size=ps.get_data_parallel_world_size())
+            scout.set_epoch(epoch)
+            it = iter(scout)
+            for _ in range(consumed):
+                next(it)
+            sampler.load_state_dict(scout.state_dict())
+        return torch.utils.data.DataLoader(CutBatches(Collator(self.sp)), sampler=sampler,
+                                           batch_size=None, num_workers=cfg.data.num_workers,
+                                           persistent_workers=False)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        step, epoch, consumed = 0, 0, 0
+        found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        if found:
+            extra = checkpoint.load(found, self.student, self.optimizer, self.scheduler)
+            step, epoch, consumed = extra["step"], extra["epoch"], extra["consumed"]
+            if self.is_writer:
+                print(f"resumed from {found} at step {step}")
+        cuts = self._train_cuts()
+        loader = iter(self._loader(cuts, epoch, consumed))
+        opd = None
+        if cfg.stage == "opd":
+            blocked = blocked_ids(self.sp.tokenizer, self.sp.stop_id, self.student.cfg.decoder.vocab_size,
+                                  cfg.opd.blocked_from).to(self.dev)
+            tmap = TokenMap(self.sp.tokenizer, self.tp_.tokenizer, self.student.cfg.decoder.vocab_size,
+                            self.teacher.cfg.decoder.vocab_size, cfg.opd.min_token_map_coverage)
+            if self.is_writer:
+                print(f"token map: {'identity' if tmap.identity else 'by token string'}, "
+                      f"coverage {100 * tmap.coverage:.1f}%")
+            opd = OPDStep(self.ddp, self.teacher, self.sp, self.tp_, tmap, cfg.opd, blocked)
+        log = MetricsLog(cfg.output_dir, cfg.name, cfg.steps, self.is_writer)
+        if self.is_writer:
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=1, default=str)
+        bad_in_a_row, result = 0, {}
+        self.ddp.train()
+        while step < cfg.steps:
+            batch, loader, epoch, consumed = self._next_batch(loader, cuts, epoch, consumed)
+            t0 = time.perf_counter()
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            metrics = opd(batch) if opd else sft_step(self.ddp, batch)
+            finite = self._all_finite(metrics.get("loss"))
+            step += 1
+            if not finite:
+                bad_in_a_row += 1
+                metrics["skipped_nonfinite"] = 1
+                if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
+                    raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row (step {step}); "
+                                       f"stopping (max_nonfinite_in_a_row)")
+            else:
+                bad_in_a_row = 0
+                finalize_model_grads([self.ddp])
+                _, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(1)
+                metrics["grad_norm"] = grad_norm
+            metrics.update(self._throughput(batch, time.perf_counter() - t0))
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.log(step, metrics)
+            result = metrics
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                checkpoint.save(self.ckpt_dir, step, self.student, self.optimizer, self.scheduler,
+                                extra={"epoch": epoch, "consumed": consumed}, keep_last=cfg.keep_last)
+        log.close()
+        return result
+
+    def _next_batch(self, loader, cuts, epoch, consumed):
+        """The next batch on every data-parallel rank; a new epoch for all when any runs out
+        (its other ranks' batch of that round is dropped, as with drop_last)."""
+        try:
+            batch = next(loader)
+        except StopIteration:
+            batch = None
+        out = torch.tensor([0 if batch is not None else 1], device=self.dev)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        if out.item():
+            epoch, consumed = epoch + 1, 0
+            loader = iter(self._loader(cuts, epoch, 0))
+            batch = next(loader)
+        return batch, loader, epoch, consumed + 1
+
+    def _all_finite(self, loss) -> bool:
+        """The last stage's loss decides for every rank."""
+        bad = torch.tensor([0.0], device=self.dev)
+        if ps.is_pipeline_last_stage() and loss is not None and not math.isfinite(loss):
+            bad[0] = 1.0
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
+    def _throughput(self, batch, seconds: float) -> dict:
+        counts = torch.tensor([batch.num_tokens, len(batch.cut_ids)], dtype=torch.float64,
+                              device=self.dev)
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        mem = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+               else psutil.Process().memory_info().rss / 2**30)
+        return {"step_time": seconds, "tokens_per_s": counts[0].item() / seconds,
+                "samples_per_s": counts[1].item() / seconds, "memory_gib": mem}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, manifest: str | None = None) -> dict:
+        return evaluate(self.student, self.sp, manifest or self.cfg.data.heldout, self.cfg)
+
+
+def evaluate(model: AudioLM, prompts: PromptBuilder, manifest: str, cfg: RunConfig) -> dict:
+    """Corpus CER on the Mandarin and WER on the English utterances of a manifest."""
+    cuts, _ = load_manifest(manifest)
+    blocked = blocked_ids(prompts.tokenizer, prompts.stop_id, model.cfg.decoder.vocab_size,
+                          cfg.opd.blocked_from)
+    hyps = transcribe(model, prompts, cuts, blocked, cfg.opd.generation.max_new_tokens,
+                      cfg.eval_batch_tokens)
+    out = {}
+    for lang, metric in (("zh", "cer"), ("en", "wer")):
+        sel = [c for c in cuts if c.supervisions[0].language == lang]
+        if sel:
+            rate = error_rate([c.supervisions[0].text for c in sel], [hyps[c.id] for c in sel], metric)
+            out[f"{metric}_{lang}"] = rate.rate
+    return out

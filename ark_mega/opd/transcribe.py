@@ -1,0 +1,64 @@
+"""Batched transcription with the KV-cache generator (evaluation, teacher data for TD)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lhotse import CutSet
+from megatron.core import parallel_state as ps
+from tokenizers import Tokenizer
+
+from ..data.batching import Collator, TokenBudgetSampler, TokenCounter
+from ..data.prompts import PromptBuilder
+from ..models.audio_lm import AudioLM
+from .generate import GenerationConfig, generate
+
+
+def blocked_ids(tokenizer: Tokenizer, stop_id: int, vocab_size: int,
+                blocked_from: int | None = None) -> torch.Tensor:
+    """bool [vocab_size]: every special / control token except the stop token, every id past
+    the tokenizer's vocabulary (embedding padding), and every id >= `blocked_from`."""
+    blocked = torch.zeros(vocab_size, dtype=torch.bool)
+    blocked[tokenizer.get_vocab_size(with_added_tokens=True):] = True
+    for token in tokenizer.get_added_tokens_decoder().values():
+        if token.special:
+            blocked[tokenizer.token_to_id(token.content)] = True
+    if blocked_from is not None:
+        blocked[blocked_from:] = True
+    blocked[stop_id] = False
+    return blocked
+
+
+def answer_text(prompts: PromptBuilder, ids: list[int]) -> str:
+    """The transcript in a generated answer (after Qwen3-ASR's `language X<asr_text>`)."""
+    decoded = prompts.tokenizer.decode(ids, skip_special_tokens=False)
+    literal = prompts.template.answer.split("{text}")[0].split("}")[-1]
+    if literal and literal in decoded:
+        decoded = decoded.split(literal, 1)[1]
+    return prompts.tokenizer.decode(prompts.encode(decoded)).strip()
+
+
+@torch.no_grad()
+def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: torch.Tensor,
+               max_new_tokens: int = 256, batch_tokens: int = 8192) -> dict[str, str]:
+    """{cut id: transcript} for every cut, on every rank. Data-parallel ranks split the cuts;
+    the ranks of one model replica decode the same batches together."""
+    device = next(model.parameters()).device
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    share = list(cuts)[dp_rank::dp]  # every cut goes to exactly one DP rank
+    sampler = TokenBudgetSampler(CutSet.from_cuts(share), batch_tokens, TokenCounter(prompts),
+                                 shuffle=False) if share else []
+    collate = Collator(prompts)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, top_k=1)
+    mine = {}
+    for batch_cuts in sampler:
+        batch = collate(batch_cuts)
+        feats = [f.to(device) for f in batch.audio_features]
+        out = generate(model, [prompts.build(f.shape[-1]).input_ids for f in feats], feats,
+                       prompts.stop_id, cfg, blocked.to(device))
+        mine.update({cid: answer_text(prompts, toks) for cid, toks in zip(batch.cut_ids, out.tokens)})
+    if dp == 1:
+        return mine
+    gathered = [None] * dp
+    dist.all_gather_object(gathered, mine, group=ps.get_data_parallel_group())
+    return {k: v for part in gathered for k, v in part.items()}
