@@ -19,7 +19,7 @@ from ..models.audio_lm import AudioLM
 from ..pipeline import run_pipeline
 from .generate import generate
 from .scoring import packed, score
-from .token_map import TokenMap, align_by_characters
+from .token_map import TokenMap, align_by_characters, byte_spans
 
 
 def sft_step(model, batch: Batch) -> dict:
@@ -55,7 +55,10 @@ class OPDStep:
     def module(self) -> AudioLM:
         return getattr(self.student, "module", self.student)
 
-    def __call__(self, batch: Batch) -> dict:
+    def prepare(self, batch: Batch) -> tuple[dict | None, dict]:
+        """Rollout, teacher scoring and union support: the student's training input
+        (`micro`: packed ids, cu_seqlens, audio; `flat`: scored positions; `union`, on the last
+        stage) and the metrics so far. `None` when every rollout is empty."""
         cfg, device = self.cfg, next(self.student.parameters()).device
         feats = [f.to(device) for f in batch.audio_features]
         frames = [f.shape[-1] for f in feats]
@@ -84,18 +87,26 @@ class OPDStep:
                    "rollout_len": sum(len(t) for t in rollout.tokens) / len(answers),
                    "time_rollout": t1 - t0}
         if not keep:
-            return {**metrics, "skipped": 1}
+            return None, {**metrics, "skipped": 1}
         student_topk = self._student_topk(rollout, answers, fallback, keep, prompts, feats)
-        t2 = time.perf_counter()
-        union, mismatch = self._teacher_union(answers, keep, frames, feats, student_topk)
-        t3 = time.perf_counter()
-        metrics.update(time_teacher=t3 - t2)
+        union, mismatch, teacher_inputs = self._teacher_union(answers, keep, frames, feats,
+                                                              student_topk)
+        metrics.update(time_teacher=time.perf_counter() - t1, mismatch=mismatch)
 
         seqs = [prompts[i].input_ids + answers[i] for i in keep]
         positions = [[len(prompts[i].input_ids) - 1 + j for j in range(len(answers[i]))] for i in keep]
         ids, cu = packed(seqs, device)
         flat = torch.tensor([int(cu[n]) + p for n, pos in enumerate(positions) for p in pos],
                             device=device)
+        micro = {"input_ids": ids, "cu_seqlens": cu, "audio_features": [feats[i] for i in keep],
+                 "return_hidden": True}
+        return {"micro": micro, "flat": flat, "union": union, "teacher_inputs": teacher_inputs}, metrics
+
+    def __call__(self, batch: Batch) -> dict:
+        work, metrics = self.prepare(batch)
+        if work is None:
+            return metrics
+        flat, union = work["flat"], work["union"]
 
         def loss_fn(hidden, _):
             weight = self.module.output_weight()
@@ -103,18 +114,16 @@ class OPDStep:
             start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
             logits = sparse_lm_head(hidden[flat, 0], weight, union.ids, vocab_start=start,
                                     tensor_parallel=tp > 1)
-            loss = union_kl(logits, union.teacher_scores, union.valid, cfg.temperature)
+            loss = union_kl(logits, union.teacher_scores, union.valid, self.cfg.temperature)
             used = (union.valid.sum(1) >= 2).sum()
             return loss, {"loss": loss.detach(), "positions": used, "vuss": union.vuss}
 
-        micro = {"input_ids": ids, "cu_seqlens": cu, "audio_features": [feats[i] for i in keep],
-                 "return_hidden": True}
-        reports = run_pipeline(self.student, [micro], loss_fn, forward_only=False)
-        metrics["time_student"] = time.perf_counter() - t3
+        t0 = time.perf_counter()
+        reports = run_pipeline(self.student, [work["micro"]], loss_fn, forward_only=False)
+        metrics["time_student"] = time.perf_counter() - t0
         if reports:
             r = reports[0]
-            metrics.update(loss=r["loss"].item(), vuss=r["vuss"].item(),
-                           positions=int(r["positions"]), mismatch=mismatch)
+            metrics.update(loss=r["loss"].item(), vuss=r["vuss"].item(), positions=int(r["positions"]))
         return metrics
 
     def _student_topk(self, rollout, answers, fallback, keep, prompts, feats):
@@ -141,7 +150,8 @@ class OPDStep:
         return torch.cat([rows[i] for i in keep])
 
     def _teacher_union(self, answers, keep, frames, feats, student_topk):
-        """Teacher-force the answers; return the union support (last stage) and mismatch rate."""
+        """Teacher-force the answers; return the union support (last stage), the mismatch rate
+        and the teacher's input (sequences, scored positions)."""
         seqs, positions, aligned = [], [], []
         for i in keep:
             stop = answers[i][-1] == self.sp.stop_id
@@ -151,13 +161,10 @@ class OPDStep:
             if self.map.identity:
                 body = list(words)
                 index = list(range(len(words)))
-            else:
-                s_enc = self.sp.tokenizer.encode(text, add_special_tokens=False)
-                t_enc = self.tp_.tokenizer.encode(text, add_special_tokens=False)
-                body = t_enc.ids
-                index = align_by_characters(s_enc.offsets, t_enc.offsets)
-                if len(s_enc.ids) != len(words):  # decode/encode did not round-trip
-                    index = [-1] * len(words)
+            else:  # re-tokenise by the teacher; align token starts in the UTF-8 bytes
+                body = self.tp_.tokenizer.encode(text, add_special_tokens=False).ids
+                index = align_by_characters(byte_spans(self.sp.tokenizer, words),
+                                            byte_spans(self.tp_.tokenizer, body))
             if stop:
                 body = body + [self.tp_.stop_id]
                 index = index + [len(body) - 1]
@@ -169,7 +176,7 @@ class OPDStep:
         if not ps.is_pipeline_last_stage():
             # the teacher's stages still run their part of the pipeline
             score(self.teacher, seqs, [feats[i] for i in keep], positions, self.cfg.top_k)
-            return None, mismatch
+            return None, mismatch, (seqs, positions)
         device = student_topk.device
         at_teacher = self.map.to_teacher(student_topk)  # the student's candidates, teacher ids
         top = score(self.teacher, seqs, [feats[i] for i in keep], positions, self.cfg.top_k,
@@ -180,4 +187,4 @@ class OPDStep:
         student_ids = student_topk.masked_fill((at_teacher < 0) | ~aligned[:, None], -1)
         union = union_support(teacher_ids, student_ids, top.logprobs,
                               top.logprobs_at_student.nan_to_num(neginf=-1e4))
-        return union, mismatch
+        return union, mismatch, (seqs, positions)

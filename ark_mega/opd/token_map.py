@@ -44,10 +44,39 @@ def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, table[ids.clamp(0, table.numel() - 1)], torch.full_like(ids, -1))
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2 / Qwen), inverted."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTES = _byte_level_alphabet()
+
+
+def byte_spans(tokenizer: Tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each token of a byte-level BPE tokenizer in the UTF-8 text
+    the ids spell, also for sequences that are not the tokenizer's own encoding of that text
+    (a model's rollout)."""
+    spans, pos = [], 0
+    for i in ids:
+        token = tokenizer.id_to_token(i) or ""
+        n = sum(1 for ch in token if ch in _BYTES) if token else 0
+        spans.append((pos, pos + n))
+        pos += n
+    return spans
+
+
 def align_by_characters(student_offsets: list[tuple[int, int]],
                         teacher_offsets: list[tuple[int, int]]) -> list[int]:
-    """For each student token, the index of the teacher token starting at the same character
-    (-1 if none). Offsets are (start, end) character spans of one text."""
+    """For each student token, the index of the teacher token starting at the same offset
+    (-1 if none). Offsets are (start, end) spans of one text, in bytes or characters."""
     teacher_start = {}
     for j, (start, end) in enumerate(teacher_offsets):
         if end > start:

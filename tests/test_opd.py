@@ -1,0 +1,134 @@
+"""OPD at TP = PP = 1: generation, the loss against full logits, cross-tokenizer mapping."""
+
+import pytest
+import torch
+
+from ark_mega.data import PromptBuilder
+from ark_mega.kernels.union_kl import union_kl_reference
+from ark_mega.opd.generate import GenerationConfig, generate
+from ark_mega.opd.scoring import packed
+from ark_mega.opd.token_map import TokenMap, align_by_characters, byte_spans
+from opd_setup import batch, model, opd_step, tokenizer
+
+
+def test_kv_cache_generation_equals_full_recomputation(single_rank):
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0).eval()
+    b = batch(sp)
+    prompts = [sp.build(f.shape[-1]).input_ids for f in b.audio_features]
+    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    out = generate(student, prompts, b.audio_features, sp.stop_id,
+                   GenerationConfig(max_new_tokens=6, top_k=4))
+    for prompt, feats, tokens, topk in zip(prompts, b.audio_features, out.tokens, out.topk_ids):
+        seq, ref = list(prompt), []
+        for step in range(6):
+            with torch.no_grad():
+                logits = student(torch.tensor([seq]), [feats])[-1, 0]
+            assert torch.equal(topk[step], logits.topk(4).indices)
+            nxt = int(logits.argmax())
+            if nxt == sp.stop_id:
+                break
+            ref.append(nxt)
+            seq.append(nxt)
+        assert tokens == ref
+    assert len({tuple(t) for t in out.tokens}) > 1
+
+
+def test_opd_loss_equals_direct_computation_from_full_logits(single_rank):
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
+    step, sp, teacher = opd_step(student)
+    b = batch(sp)
+    work, _ = step.prepare(b)
+    micro, flat, union = work["micro"], work["flat"], work["union"]
+    assert union.valid.sum(1).max() > 8  # teacher and student disagree somewhere
+    metrics = step(b)
+    with torch.no_grad():
+        full = student(micro["input_ids"], micro["audio_features"], micro["cu_seqlens"])[flat, 0]
+    direct = union_kl_reference(full.double().gather(1, union.ids.clamp(min=0)),
+                                union.teacher_scores.double(), union.valid, 1.0)
+    assert metrics["loss"] == pytest.approx(direct.item(), rel=1e-5)
+    assert metrics["positions"] == int((union.valid.sum(1) >= 2).sum())
+    assert metrics["vuss"] == pytest.approx(union.valid.sum(1).float().mean().item())
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_scores_are_the_teachers_log_probabilities(single_rank):
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
+    step, sp, teacher = opd_step(student)
+    b = batch(sp, n=2)
+    work, _ = step.prepare(b)
+    union = work["union"]
+    seqs, positions = work["teacher_inputs"]
+    ids, cu = packed(seqs, union.ids.device)
+    with torch.no_grad():
+        logits = teacher(ids, work["micro"]["audio_features"], cu)[:, 0]
+    logp = torch.log_softmax(logits.double(), -1)
+    rows = torch.tensor([int(cu[i]) + p for i, pos in enumerate(positions) for p in pos])
+    expected = logp[rows].gather(1, union.ids.clamp(min=0))
+    valid = union.valid
+    assert valid[:, :8].any() and valid[:, 8:].any()  # teacher and student-only entries
+    assert torch.allclose(union.teacher_scores[valid].double(), expected[valid], atol=1e-5)
+    # the teacher half of each row is the teacher's own top-k, less the ids that are no token
+    # of the tokenizer (embedding padding rows: no string to map)
+    top = logp[rows].topk(8).indices
+    top = top.masked_fill(top >= sp.tokenizer.get_vocab_size(), -1)
+    assert torch.equal(union.ids[:, :8].sort(1).values, top.sort(1).values)
+
+
+def test_cross_tokenizer_map_and_alignment(single_rank):
+    s_tok, t_tok = tokenizer(300), tokenizer(360, split="heldout")
+    tmap = TokenMap(s_tok, t_tok, 384, 512)
+    assert not tmap.identity and 0.5 < tmap.coverage < 1.0
+    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
+    for token, sid in list(s_vocab.items())[:200]:
+        tid = int(tmap.to_teacher(torch.tensor([sid]))[0])
+        assert tid == t_vocab.get(token, -1)
+        if tid >= 0:
+            assert int(tmap.to_student(torch.tensor([tid]))[0]) == sid
+    text = "I read the newspaper avidly."
+    s_enc, t_enc = s_tok.encode(text), t_tok.encode(text)
+    index = align_by_characters(s_enc.offsets, t_enc.offsets)
+    for j, k in enumerate(index):
+        if k >= 0:
+            assert s_enc.offsets[j][0] == t_enc.offsets[k][0]
+    mixed = "我们一起去 school today"  # multi-byte characters split over byte-level tokens
+    enc = s_tok.encode(mixed)
+    spans = byte_spans(s_tok, enc.ids)
+    assert spans[-1][1] == len(mixed.encode("utf-8"))
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    firsts = [j for j in range(len(spans)) if j == 0 or enc.offsets[j][0] != enc.offsets[j - 1][0]]
+    for j in firsts:  # a token that starts a character starts at that character's first byte
+        assert spans[j][0] == len(mixed[: enc.offsets[j][0]].encode("utf-8"))
+    with pytest.raises(ValueError, match="min_coverage"):
+        TokenMap(s_tok, t_tok, 384, 512, min_coverage=0.999)
+    assert TokenMap(s_tok, s_tok, 384, 384).identity
+
+
+def test_opd_step_with_two_tokenizers(single_rank):
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
+    step, _, _ = opd_step(student, teacher_tokenizer=tokenizer(360, split="heldout"))
+    metrics = step(batch(sp))
+    assert not step.map.identity
+    assert 0.0 <= metrics["mismatch"] < 1.0 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert metrics["positions"] > 0
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_empty_rollouts(single_rank, fallback):
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
+    step, _, _ = opd_step(student, fallback=fallback)
+    step.blocked = torch.ones_like(step.blocked)
+    step.blocked[sp.stop_id] = False  # only the stop token can be generated: empty rollouts
+    metrics = step(batch(sp))
+    assert metrics["rollout_nonempty"] == 0.0
+    if fallback:  # the references are used instead, and counted
+        assert metrics["fallbacks"] == 3 and metrics["positions"] > 0
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+    else:
+        assert metrics["fallbacks"] == 0 and metrics["skipped"] == 1 and "loss" not in metrics
