@@ -33,6 +33,16 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1] if found else None
 
 
+def resolve(path: str) -> str:
+    """A checkpoint folder, or a folder of them (its newest)."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return newest
+
+
 def _rank_file(path: str) -> str:
     return os.path.join(path, f"rank_{dist.get_rank():05d}.pt")
 
@@ -88,11 +98,11 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
 
 
 def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True) -> dict:
-    """Load a checkpoint into `model` (and optimizer / scheduler) at the current layout;
+    """Load a checkpoint (or the newest in a folder of them) into `model` (and optimizer /
+    scheduler) at the current layout;
     return this rank's extra state (step, sampler, ...) with the RNG states restored.
     With `optimizer=None` only the weights are read (e.g. initial weights of a new stage)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    path = resolve(path)
     state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), path)
     model.load_state_dict(state["model"], strict=strict)
     if optimizer is None:

@@ -59,5 +59,5 @@ def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallba
     settings = OPDSettings(top_k=top_k, fallback_to_reference=fallback,
                            generation=GenerationConfig(max_new_tokens=max_new_tokens, top_k=top_k))
     step = OPDStep(student, teacher, sp, tp, TokenMap(s_tok, t_tok, VOCAB, VOCAB), settings,
-                   blocked_ids(s_tok, sp.stop_id, VOCAB))
+                   blocked_ids(sp, VOCAB))
     return step, sp, teacher

@@ -40,9 +40,15 @@ def test_site2_model_parallel_rng_tracker_forks_cpu_state(single_rank):
     assert not torch.equal(a, c), "fork() must draw from the tracker's own stream"
 
 
-def test_site3_schedule_literals_land_on_cpu(single_rank):
-    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
-    assert schedules.torch.float32 is torch.float32
+def test_site3_cuda_literals_land_on_cpu(single_rank):
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mp_optimizer
+
+    for module in (schedules, mp_optimizer, clip_grads, utils):
+        assert module.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+        assert module.torch.tensor([1.0], device="cuda").device.type == "cpu"
+        assert module.torch.float32 is torch.float32
 
 
 def test_site4_cuda_moves_are_scoped_to_the_tied_embedding_setup(single_rank):
@@ -54,6 +60,38 @@ def test_site4_cuda_moves_are_scoped_to_the_tied_embedding_setup(single_rank):
 
 def test_site5_synchronize_is_a_no_op(single_rank):
     torch.cuda.synchronize()
+
+
+def test_site6_gradient_clipping_on_cpu(single_rank):
+    from megatron.core.optimizer import optimizer as mp_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full((4,), 2.0)
+    total = float(torch.cat([p.grad for p in params]).norm())  # 5.657
+    mp_optimizer.clip_grad_by_total_norm_fp32(params, 1.0, total)
+    assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
+    mp_optimizer.clip_grad_by_total_norm_fp32(params, 10.0, 1.0)  # below the bound: unchanged
+    assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_megatron_optimizer_steps_on_cpu(single_rank):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ark_mega.models import AudioLM, preset
+
+    model = AudioLM(preset("tiny_ark_asr"))
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(),
+                                  module=model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.1,
+                                                 bf16=False), [ddp])
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 200, (1, 12))
+    ddp(ids, None, torch.tensor([0, 12])).float().pow(2).sum().backward()
+    ok, grad_norm, _ = opt.step()
+    assert ok and grad_norm > 0.1  # clipped
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_world_size_must_fit_the_layout(single_rank):

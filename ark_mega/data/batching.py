@@ -92,10 +92,14 @@ class TokenBudgetSampler(DynamicBucketingSampler):
                  num_buckets: int = 10, shuffle: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False):
         budget = DecoderTokenBudget(max_tokens, count)
-        super().__init__(cuts, constraint=budget, num_buckets=num_buckets, shuffle=shuffle,
-                         seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        lengths = [count(c) for c in cuts]  # one pass over the cuts
+        if not lengths:
+            raise ValueError("no cuts to sample from")
+        super().__init__(cuts, constraint=budget, num_buckets=min(num_buckets, len(lengths)),
+                         shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
         budget.bins = list(self.duration_bins)
-        budget.longest = max(count(c) for c in cuts)  # one pass over the cuts
+        budget.longest = max(lengths)
 
     # lhotse refuses to save the state of a sampler with a custom constraint; the constraint
     # is rebuilt from the run's config, so the state needs only its budget, for a check.

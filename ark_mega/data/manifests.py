@@ -127,6 +127,8 @@ def manifest_format(path: str) -> str:
         if "recording" in obj or obj.get("type") == "MonoCut":
             return "lhotse"
         break
+    else:
+        raise ValueError(f"{path}: no records")
     raise ValueError(f"{path}: cannot tell the manifest format from its first record (expected "
                      f"'audio' (reference JSONL), 'audio_filepath' (NeMo) or a lhotse cut)")
 

@@ -85,6 +85,12 @@ class PromptBuilder:
     def teacher(cls, tokenizer: Tokenizer, n_window: int = 50) -> "PromptBuilder":
         return cls(tokenizer, QWEN3_ASR, lambda frames: aut_audio_tokens(frames, n_window))
 
+    @property
+    def answer_special_ids(self) -> list[int]:
+        """Special tokens the model itself writes in its answer (Qwen3-ASR's `<asr_text>`)."""
+        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        return [self.tokenizer.token_to_id(t) for t in specials if t in self.template.answer]
+
     def _special(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:

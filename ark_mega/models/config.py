@@ -77,6 +77,9 @@ class AudioLMConfig:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {list(expected)}")
         if not isinstance(self.encoder, expected[self.family]):
             raise TypeError(f"{self.family} needs a {expected[self.family].__name__}")
+        if self.family == "qwen3_asr" and self.encoder.output_dim != self.decoder.hidden_size:
+            raise ValueError(f"the AuT encoder's output_dim ({self.encoder.output_dim}) must equal "
+                             f"the decoder's hidden_size ({self.decoder.hidden_size})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

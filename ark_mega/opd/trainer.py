@@ -39,8 +39,11 @@ from .token_map import TokenMap
 from .transcribe import blocked_ids, transcribe
 
 
-def build_model(mcfg: ModelConfig, prompts: PromptBuilder, dtype: torch.dtype) -> AudioLM:
-    """The preset with its overrides; vocabulary and audio token checked against the tokenizer."""
+def build_model(mcfg: ModelConfig, dtype: torch.dtype) -> tuple[AudioLM, PromptBuilder]:
+    """The preset with its overrides, and the prompt builder of its family (Ark-ASR or
+    Qwen3-ASR template); vocabulary and audio token checked against the tokenizer."""
+    if not mcfg.tokenizer:
+        raise ValueError(f"model {mcfg.preset}: a tokenizer (tokenizer.json) is required")
     cfg = preset(mcfg.preset)
     for dotted, value in mcfg.overrides.items():
         node = cfg
@@ -50,13 +53,16 @@ def build_model(mcfg: ModelConfig, prompts: PromptBuilder, dtype: torch.dtype) -
         if not hasattr(node, last):
             raise KeyError(f"model override {dotted!r}: no such field in preset {mcfg.preset}")
         setattr(node, last, value)
+    tokenizer = load_tokenizer(mcfg.tokenizer)
+    prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
+               else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
     cfg.audio_token_id = prompts.audio_id
-    size = prompts.tokenizer.get_vocab_size(with_added_tokens=True)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > cfg.decoder.vocab_size:
         raise ValueError(f"the tokenizer has {size} tokens, more than the model's vocabulary "
                          f"({cfg.decoder.vocab_size}); set decoder.vocab_size")
     cfg = AudioLMConfig.from_dict(cfg.to_dict())  # re-validated
-    return AudioLM(cfg, dtype=dtype).to(device())
+    return AudioLM(cfg, dtype=dtype).to(device()), prompts
 
 
 class MetricsLog:
@@ -111,16 +117,17 @@ class Trainer:
         self.dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
         self.dev = device()
-        if not cfg.student.tokenizer:
-            raise ValueError("student.tokenizer: a tokenizer.json is required")
-        self.sp = PromptBuilder.student(load_tokenizer(cfg.student.tokenizer))
-        self.student = build_model(cfg.student, self.sp, self.dtype)
+        # "student" is the model this run trains, whichever family (the demo's teacher SFT
+        # trains a Qwen3-ASR model); its prompts follow its family's template
+        self.student, self.sp = build_model(cfg.student, self.dtype)
         if cfg.student.checkpoint:
             checkpoint.load(cfg.student.checkpoint, self.student)
         self.teacher = self.tp_ = None
         if cfg.stage in ("td", "opd"):
-            self.tp_ = PromptBuilder.teacher(load_tokenizer(cfg.teacher.tokenizer or cfg.student.tokenizer))
-            self.teacher = build_model(cfg.teacher, self.tp_, self.dtype)
+            teacher_cfg = cfg.teacher
+            if not teacher_cfg.tokenizer:
+                teacher_cfg = ModelConfig(**{**vars(teacher_cfg), "tokenizer": cfg.student.tokenizer})
+            self.teacher, self.tp_ = build_model(teacher_cfg, self.dtype)
             if not cfg.teacher.checkpoint:
                 raise ValueError(f"stage {cfg.stage}: teacher.checkpoint is required")
             checkpoint.load(cfg.teacher.checkpoint, self.teacher)
@@ -149,7 +156,7 @@ class Trainer:
         decay = "constant" if o.schedule == "constant" else o.schedule
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, 1),
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, o.warmup_steps + 1),
             lr_decay_style=decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant")
 
@@ -173,12 +180,16 @@ class Trainer:
         if os.path.isfile(out):
             return out  # already made by this run before a restart
         cuts, _ = load_manifest(cfg.data.train)
-        blocked = blocked_ids(self.tp_.tokenizer, self.tp_.stop_id, self.teacher.cfg.decoder.vocab_size,
+        blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size,
                               cfg.opd.blocked_from)
         texts = transcribe(self.teacher, self.tp_, cuts, blocked,
                            cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens)
+        if not any(t.strip() for t in texts.values()):
+            raise RuntimeError(f"TD: the teacher's transcripts of all {len(texts)} utterances of "
+                               f"{cfg.data.train} are empty; is teacher.checkpoint trained?")
         if dist.get_rank() == 0:
             base = os.path.dirname(os.path.abspath(out))
+            os.makedirs(base, exist_ok=True)
             tmp = out + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 kept = 0
@@ -236,7 +247,7 @@ class Trainer:
         loader = iter(self._loader(cuts, epoch, consumed))
         opd = None
         if cfg.stage == "opd":
-            blocked = blocked_ids(self.sp.tokenizer, self.sp.stop_id, self.student.cfg.decoder.vocab_size,
+            blocked = blocked_ids(self.sp, self.student.cfg.decoder.vocab_size,
                                   cfg.opd.blocked_from).to(self.dev)
             tmap = TokenMap(self.sp.tokenizer, self.tp_.tokenizer, self.student.cfg.decoder.vocab_size,
                             self.teacher.cfg.decoder.vocab_size, cfg.opd.min_token_map_coverage)
@@ -322,7 +333,7 @@ class Trainer:
 def evaluate(model: AudioLM, prompts: PromptBuilder, manifest: str, cfg: RunConfig) -> dict:
     """Corpus CER on the Mandarin and WER on the English utterances of a manifest."""
     cuts, _ = load_manifest(manifest)
-    blocked = blocked_ids(prompts.tokenizer, prompts.stop_id, model.cfg.decoder.vocab_size,
+    blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size,
                           cfg.opd.blocked_from)
     hyps = transcribe(model, prompts, cuts, blocked, cfg.opd.generation.max_new_tokens,
                       cfg.eval_batch_tokens)

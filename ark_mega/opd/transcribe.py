@@ -6,7 +6,6 @@ import torch
 import torch.distributed as dist
 from lhotse import CutSet
 from megatron.core import parallel_state as ps
-from tokenizers import Tokenizer
 
 from ..data.batching import Collator, TokenBudgetSampler, TokenCounter
 from ..data.prompts import PromptBuilder
@@ -14,10 +13,12 @@ from ..models.audio_lm import AudioLM
 from .generate import GenerationConfig, generate
 
 
-def blocked_ids(tokenizer: Tokenizer, stop_id: int, vocab_size: int,
+def blocked_ids(prompts: PromptBuilder, vocab_size: int,
                 blocked_from: int | None = None) -> torch.Tensor:
-    """bool [vocab_size]: every special / control token except the stop token, every id past
-    the tokenizer's vocabulary (embedding padding), and every id >= `blocked_from`."""
+    """bool [vocab_size]: every special / control token except the stop token and those the
+    answer itself contains (Qwen3-ASR's `<asr_text>`), every id past the tokenizer's vocabulary
+    (embedding padding), and every id >= `blocked_from`."""
+    tokenizer = prompts.tokenizer
     blocked = torch.zeros(vocab_size, dtype=torch.bool)
     blocked[tokenizer.get_vocab_size(with_added_tokens=True):] = True
     for token in tokenizer.get_added_tokens_decoder().values():
@@ -25,7 +26,7 @@ def blocked_ids(tokenizer: Tokenizer, stop_id: int, vocab_size: int,
             blocked[tokenizer.token_to_id(token.content)] = True
     if blocked_from is not None:
         blocked[blocked_from:] = True
-    blocked[stop_id] = False
+    blocked[[prompts.stop_id] + prompts.answer_special_ids] = False
     return blocked
 
 

@@ -1,0 +1,143 @@
+"""The trainer: OPD steps at TP = 2 and PP = 2, checkpoints across layouts, bitwise resume,
+the TD and OPD stages end to end, non-finite losses, and the run configuration."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ark_mega import checkpoint
+from ark_mega.config import load_config
+from ark_mega.data import PromptBuilder
+from conftest import torchrun
+from opd_setup import ROOT, VOCAB, batch, model, opd_step, tokenizer
+
+
+def test_opd_step_at_tp2_equals_tp1_and_its_checkpoint_loads_at_tp1(single_rank, tmp_path):
+    (record,) = torchrun("dist_opd.py", "--tp", "2", "--save", str(tmp_path))
+    assert record["ok"], record
+    # the same step at TP = 1 (CPU initialisation is the same at every TP size)
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
+    step, sp, _ = opd_step(student)
+    metrics = step(batch(sp))
+    assert metrics["loss"] == pytest.approx(record["loss"], rel=1e-4)
+    assert metrics["positions"] == record["positions"]
+    # the TP = 2 checkpoint at TP = 1 gives the same logits
+    fresh = model("tiny_ark_asr", sp, seed=123)
+    checkpoint.load(str(tmp_path), fresh)
+    ids = torch.arange(3, 40)[None] % 250
+    with torch.no_grad():
+        logits = fresh.eval()(ids, None, torch.tensor([0, ids.shape[1]]))
+    saved = torch.load(tmp_path / "logits.pt")
+    assert (logits - saved).abs().max() <= 1e-5 * saved.abs().max()
+
+
+def test_opd_step_at_pp2():
+    (record,) = torchrun("dist_opd.py", "--pp", "2")
+    assert record["ok"] and record["positions"] > 0, record
+
+
+def small_manifest(tmp_path, n, split="train"):
+    src = os.path.join(ROOT, "examples", "data", f"{split}.jsonl")
+    rows = [json.loads(line) for line in open(src, encoding="utf-8")]
+    rows = rows[: n // 2] + rows[-(n - n // 2):]  # English first in the file, Mandarin last
+    path = tmp_path / f"{split}_{n}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            r["audio"] = os.path.join(ROOT, "examples", "data", r["audio"])
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def run_overrides(tmp_path, tok, out, **extra):
+    base = {
+        "stage": "sft", "output_dir": str(out), "student.preset": "tiny_ark_asr",
+        "student.tokenizer": tok,
+        "student.overrides": {"decoder.vocab_size": VOCAB, "encoder.num_mel_bins": 128},
+        "data.train": small_manifest(tmp_path, 24), "data.heldout": small_manifest(tmp_path, 6, "heldout"),
+        "data.max_tokens": 1200, "data.num_workers": 0, "optim.lr": 1e-3, "optim.weight_decay": 0.0,
+        "save_every": 2, "keep_last": 2, "log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def tok_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer().save(str(path))
+    return str(path)
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_resume_continues_bitwise(single_rank, tmp_path, tok_file):
+    from ark_mega.opd.trainer import Trainer
+
+    Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "a", steps=5))).run()
+    Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "b", steps=3))).run()
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")] \
+        == ["step_000002", "step_000003"]  # keep_last = 2
+    # "killed" after step 3: the restarted run resumes from step 3's checkpoint
+    Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "b", steps=5))).run()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5]  # the first run logged 1-3, the resumed one 4-5
+    assert [a[s] for s in (4, 5)] == [b[s] for s in (4, 5)]  # bitwise equal
+    assert a[5] < a[1]
+
+
+def test_td_then_opd_stages(single_rank, tmp_path, tok_file):
+    from ark_mega.opd.trainer import Trainer
+
+    tp = PromptBuilder.teacher(tokenizer())
+    teacher = model("tiny_qwen3_asr", tp, seed=1, scale=3.0)  # random, but never silent
+    checkpoint.save(str(tmp_path / "teacher"), 1, teacher)
+    teacher_cfg = {"teacher.preset": "tiny_qwen3_asr", "teacher.checkpoint": str(tmp_path / "teacher"),
+                   "teacher.overrides": {"decoder.vocab_size": VOCAB, "encoder.num_mel_bins": 128},
+                   "opd.top_k": 8, "opd.generation.max_new_tokens": 8, "opd.generation.top_k": 8}
+    td_manifest = tmp_path / "td.jsonl"
+    td = Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "td", stage="td", steps=2,
+                                                 td_manifest=str(td_manifest), **teacher_cfg)))
+    td.run()
+    rows = [json.loads(line) for line in open(td_manifest, encoding="utf-8")]
+    assert 0 < len(rows) <= 24 and all(r["text"] for r in rows)
+    assert all(r["source"]["teacher"] == str(tmp_path / "teacher") and r["source"]["reference"]
+               for r in rows)
+    opd = Trainer(load_config(None, run_overrides(
+        tmp_path, tok_file, tmp_path / "opd", stage="opd", steps=2,
+        **{"student.checkpoint": str(tmp_path / "td" / "checkpoints")}, **teacher_cfg)))
+    last = opd.run()
+    assert torch.isfinite(torch.tensor(last["loss"])) and last["vuss"] > 1
+    assert {"rollout_nonempty", "fallbacks", "mismatch", "rollout_len", "tokens_per_s",
+            "time_rollout", "time_teacher", "time_student", "memory_gib"} <= set(last)
+    rates = opd.evaluate()
+    assert set(rates) == {"cer_zh", "wer_en"}
+
+
+def test_nonfinite_losses_skip_the_step_then_stop(single_rank, tmp_path, tok_file, monkeypatch):
+    from ark_mega.opd import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "sft_step", lambda model, batch: {"loss": float("nan")})
+    t = trainer_module.Trainer(load_config(None, run_overrides(
+        tmp_path, tok_file, tmp_path / "nan", steps=10, max_nonfinite_in_a_row=3)))
+    before = [p.detach().clone() for p in t.student.parameters()]
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        t.run()
+    assert all(torch.equal(p, q) for p, q in zip(t.student.parameters(), before))
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(KeyError, match="'optim.lrr'"):
+        load_config(None, ["stage=sft", "optim.lrr=1"])
+    with pytest.raises(TypeError, match="config steps"):
+        load_config(None, ["stage=sft", "steps=many"])
+    with pytest.raises(ValueError, match="needs a teacher"):
+        load_config(None, ["stage=opd"])
+    cfg = load_config(os.path.join(ROOT, "examples", "configs", "ark_asr_opd.yaml"),
+                      ["optim.lr=2e-6", "parallel.tensor_parallel=2"])
+    assert cfg.optim.lr == 2e-6 and cfg.parallel.tensor_parallel == 2 and cfg.opd.top_k == 32
