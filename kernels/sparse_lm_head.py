@@ -34,13 +34,19 @@ def sparse_logits_reference(hidden, weight, ids, vocab_start: int = 0):
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
-                UP: tl.constexpr, BLOCK_H: tl.constexpr):
-    n = tl.program_id(0)
+def _row_ids(ids_ptr, n, u, vocab_start, v_local, UP: tl.constexpr):
+    """Row n's ids as rows of this shard (`local`), and which of them the shard owns."""
     cols = tl.arange(0, UP)
     ids = tl.load(ids_ptr + n * u + cols, mask=cols < u, other=-1)
     local = ids - vocab_start
-    owned = (ids >= 0) & (local >= 0) & (local < v_local)
+    return cols, local, (ids >= 0) & (local >= 0) & (local < v_local)
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
+                UP: tl.constexpr, BLOCK_H: tl.constexpr):
+    n = tl.program_id(0)
+    cols, local, owned = _row_ids(ids_ptr, n, u, vocab_start, v_local, UP)
     acc = tl.zeros([UP], dtype=tl.float32)
     for h0 in range(0, hdim, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -55,10 +61,7 @@ def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
 def _bwd_kernel(g_ptr, h_ptr, w_ptr, ids_ptr, gh_ptr, gw_ptr, u, hdim, vocab_start, v_local,
                 UP: tl.constexpr, BLOCK_H: tl.constexpr):
     n = tl.program_id(0)
-    cols = tl.arange(0, UP)
-    ids = tl.load(ids_ptr + n * u + cols, mask=cols < u, other=-1)
-    local = ids - vocab_start
-    owned = (ids >= 0) & (local >= 0) & (local < v_local)
+    cols, local, owned = _row_ids(ids_ptr, n, u, vocab_start, v_local, UP)
     g = tl.load(g_ptr + n * u + cols, mask=owned, other=0.0).to(tl.float32)
     for h0 in range(0, hdim, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)

@@ -26,7 +26,8 @@ from megatron.core.distributed import (  # noqa: E402
     DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
 )
 
-from ark_mega.distributed import ParallelConfig, destroy_parallel, init_parallel  # noqa: E402
+from ark_mega.distributed import ParallelConfig, init_parallel  # noqa: E402
+from dist_common import finish  # noqa: E402
 from ark_mega.models import AudioLM, preset  # noqa: E402
 from ark_mega.pipeline import run_pipeline  # noqa: E402
 from hf_reference import make_utterances  # noqa: E402
@@ -111,10 +112,7 @@ def main() -> int:
         ok &= decreasing
         report({"check": "train", "tp": args.tp, "pp": args.pp, "losses": losses,
                 "tied_copies_equal": tied_equal, "passed": decreasing and tied_equal})
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    destroy_parallel()
-    return int(flag.item() > 0)
+    return finish(ok)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from ark_mega.distributed import ParallelConfig, destroy_parallel, init_parallel  # noqa: E402
+from ark_mega.distributed import ParallelConfig, init_parallel  # noqa: E402
+from dist_common import finish  # noqa: E402
 from ark_mega.kernels import sparse_lm_head, teacher_topk  # noqa: E402
 
 N, H, V, K = 13, 24, 64, 8
@@ -62,10 +63,7 @@ def main() -> int:
     ok = all(e <= 1e-5 for e in results.values())
     if rank == 0:
         print(json.dumps({"max_abs_diff": results, "passed": ok}), flush=True)
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    destroy_parallel()
-    return int(flag.item() > 0)
+    return finish(ok)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from megatron.core.distributed import (  # noqa: E402
 
 from ark_mega import checkpoint  # noqa: E402
 from ark_mega.data import PromptBuilder  # noqa: E402
-from ark_mega.distributed import ParallelConfig, destroy_parallel, init_parallel  # noqa: E402
+from ark_mega.distributed import ParallelConfig, init_parallel  # noqa: E402
+from dist_common import finish  # noqa: E402
 from opd_setup import batch, model, opd_step, tokenizer  # noqa: E402
 
 
@@ -75,10 +76,7 @@ def main() -> int:
         print(json.dumps({"tp": args.tp, "pp": args.pp, "ok": bool(ok),
                           **{k: v for k, v in metrics.items() if not k.startswith("time")}}),
               flush=True)
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    destroy_parallel()
-    return int(flag.item() > 0)
+    return finish(ok)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,13 @@ def test_config_errors_name_the_key():
     cfg = load_config(os.path.join(ROOT, "examples", "configs", "ark_asr_opd.yaml"),
                       ["optim.lr=2e-6", "parallel.tensor_parallel=2"])
     assert cfg.optim.lr == 2e-6 and cfg.parallel.tensor_parallel == 2 and cfg.opd.top_k == 32
+
+
+def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
+    (tmp_path / "step_000004").mkdir()
+    (tmp_path / "step_000004" / "metadata.json").write_text("{}")
+    (tmp_path / "step_000006.tmp").mkdir()  # a save that crashed before its rename
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000004")
+    assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "step_000004")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.resolve(str(tmp_path / "step_000006.tmp"))
