@@ -9,6 +9,7 @@ mid-save never leaves a partial checkpoint under a final name.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,6 +42,18 @@ def resolve(path: str) -> str:
     if newest is None:
         raise FileNotFoundError(f"no checkpoint at {path}")
     return newest
+
+
+def model_config(path: str):
+    """The AudioLMConfig a checkpoint was saved with."""
+    from .models.config import AudioLMConfig
+
+    path = resolve(path)
+    file = os.path.join(path, "model.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} has no model.json (saved without a model config)")
+    with open(file) as f:
+        return AudioLMConfig.from_dict(json.load(f))
 
 
 def _rank_file(path: str) -> str:
@@ -76,7 +89,9 @@ def _sharded(model, optimizer, scheduler, loading: bool) -> dict:
 
 def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None,
          keep_last: int | None = None) -> str:
-    """Write checkpoint `step` under `root` (every rank calls this); return its folder."""
+    """Write checkpoint `step` under `root` (every rank calls this); return its folder. The
+    model's config goes beside the tensors (`model.json`), so that a checkpoint describes
+    itself (export, inference)."""
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
     if dist.get_rank() == 0:
@@ -84,6 +99,9 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
         os.makedirs(tmp)
     dist.barrier()
     dist_checkpointing.save(_sharded(model, optimizer, scheduler, loading=False), tmp)
+    if dist.get_rank() == 0 and hasattr(model, "cfg"):
+        with open(os.path.join(tmp, "model.json"), "w") as f:
+            json.dump(model.cfg.to_dict(), f, indent=1)
     torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": rng_state(), **(extra or {})}, _rank_file(tmp))
     dist.barrier()

@@ -51,16 +51,16 @@ def _encoder_layer_rules(hf: str, names: dict, key_bias: bool) -> list[Rule]:
     ]
 
 
-def _projector_rules(ours: str, hf: str) -> list[Rule]:
+def _projector_rules(ours: str, first: str, second: str) -> list[Rule]:
     return [
-        Rule(f"{ours}.fc1.weight", COLUMN, (f"{hf}.linear_1.weight",)),
-        Rule(f"{ours}.fc1.bias", COLUMN, (f"{hf}.linear_1.bias",)),
-        Rule(f"{ours}.fc2.weight", ROW, (f"{hf}.linear_2.weight",)),
-        Rule(f"{ours}.fc2.bias", REPLICATED, (f"{hf}.linear_2.bias",)),
+        Rule(f"{ours}.fc1.weight", COLUMN, (f"{first}.weight",)),
+        Rule(f"{ours}.fc1.bias", COLUMN, (f"{first}.bias",)),
+        Rule(f"{ours}.fc2.weight", ROW, (f"{second}.weight",)),
+        Rule(f"{ours}.fc2.bias", REPLICATED, (f"{second}.bias",)),
     ]
 
 
-def _decoder_rules(cfg: AudioLMConfig, hf: str) -> list[Rule]:
+def _decoder_rules(cfg: AudioLMConfig, hf: str, lm_head: str = "lm_head.weight") -> list[Rule]:
     dec = cfg.decoder
     a, o = f"{hf}.layers.{{i}}.self_attn", DECODER_LAYERS + "{i}."
     rules = [
@@ -83,8 +83,17 @@ def _decoder_rules(cfg: AudioLMConfig, hf: str) -> list[Rule]:
         rules += [Rule(o + "self_attention.q_layernorm.weight", REPLICATED, (f"{a}.q_norm.weight",)),
                   Rule(o + "self_attention.k_layernorm.weight", REPLICATED, (f"{a}.k_norm.weight",))]
     if not dec.tie_embeddings:
-        rules.append(Rule(OUTPUT, COLUMN, ("lm_head.weight",)))
+        rules.append(Rule(OUTPUT, COLUMN, (lm_head,)))
     return [Rule(r.ours, r.kind, r.hf, r.fuse, "decoder" if "{i}" in r.ours else None) for r in rules]
+
+
+def _whisper_rules(t: str, names: dict, final_norm: str) -> list[Rule]:
+    rules = [Rule(f"encoder.{c}.{p}", REPLICATED, (f"{t}.{c}.{p}",))
+             for c in ("conv1", "conv2") for p in ("weight", "bias")]
+    rules += [Rule(r.ours, r.kind, r.hf, r.fuse, "encoder")
+              for r in _encoder_layer_rules(t, names, key_bias=False)]
+    return rules + [Rule(f"encoder.block.final_layernorm.{p}", REPLICATED, (f"{final_norm}.{p}",))
+                    for p in ("weight", "bias")]
 
 
 def glmasr_rules(cfg: AudioLMConfig) -> list[Rule]:
@@ -92,19 +101,24 @@ def glmasr_rules(cfg: AudioLMConfig) -> list[Rule]:
     t = "model.audio_tower"
     names = dict(attn="self_attn", out="o_proj", ln1="input_layernorm",
                  ln2="post_attention_layernorm", mlp="mlp.")
-    rules = [Rule(f"encoder.{c}.{p}", REPLICATED, (f"{t}.{c}.{p}",))
-             for c in ("conv1", "conv2") for p in ("weight", "bias")]
-    rules += [Rule(r.ours, r.kind, r.hf, r.fuse, "encoder")
-              for r in _encoder_layer_rules(t, names, key_bias=False)]
-    rules += [Rule("encoder.block.final_layernorm.weight", REPLICATED, (f"{t}.norm.weight",)),
-              Rule("encoder.block.final_layernorm.bias", REPLICATED, (f"{t}.norm.bias",))]
-    rules += _projector_rules("encoder.adapter", "model.multi_modal_projector")
+    rules = _whisper_rules(t, names, f"{t}.norm")
+    rules += _projector_rules("encoder.adapter", "model.multi_modal_projector.linear_1",
+                              "model.multi_modal_projector.linear_2")
     return rules + _decoder_rules(cfg, "model.language_model")
 
 
-def qwen3_asr_rules(cfg: AudioLMConfig) -> list[Rule]:
-    """Qwen3-ASR in transformers' native `qwen3_asr` layout."""
-    t = "model.audio_tower"
+def arkasr_rules(cfg: AudioLMConfig) -> list[Rule]:
+    """Ark-ASR's own layout (`model_type: arkasr`): `audio_encoder.whisper.*` (Whisper names),
+    `audio_encoder.layer_norm`, `audio_encoder.adapting.{0,2}`, then a Qwen2 `model.*`."""
+    t = "audio_encoder.whisper"
+    names = dict(attn="self_attn", out="out_proj", ln1="self_attn_layer_norm",
+                 ln2="final_layer_norm", mlp="")
+    rules = _whisper_rules(t, names, "audio_encoder.layer_norm")
+    rules += _projector_rules("encoder.adapter", "audio_encoder.adapting.0", "audio_encoder.adapting.2")
+    return rules + _decoder_rules(cfg, "model")
+
+
+def _aut_rules(t: str, first: str, second: str) -> list[Rule]:
     names = dict(attn="self_attn", out="out_proj", ln1="self_attn_layer_norm",
                  ln2="final_layer_norm", mlp="")
     rules = [Rule(f"encoder.{c}.{p}", REPLICATED, (f"{t}.{c}.{p}",))
@@ -112,13 +126,28 @@ def qwen3_asr_rules(cfg: AudioLMConfig) -> list[Rule]:
     rules.append(Rule("encoder.conv_out.weight", REPLICATED, (f"{t}.conv_out.weight",)))
     rules += [Rule(r.ours, r.kind, r.hf, r.fuse, "encoder")
               for r in _encoder_layer_rules(t, names, key_bias=True)]
-    rules += [Rule("encoder.block.final_layernorm.weight", REPLICATED, (f"{t}.ln_post.weight",)),
-              Rule("encoder.block.final_layernorm.bias", REPLICATED, (f"{t}.ln_post.bias",))]
-    rules += _projector_rules("encoder.projector", "model.multi_modal_projector")
-    return rules + _decoder_rules(cfg, "model.language_model")
+    rules += [Rule(f"encoder.block.final_layernorm.{p}", REPLICATED, (f"{t}.ln_post.{p}",))
+              for p in ("weight", "bias")]
+    return rules + _projector_rules("encoder.projector", first, second)
 
 
-LAYOUTS = {"glmasr": glmasr_rules, "qwen3_asr": qwen3_asr_rules}
+def qwen3_asr_rules(cfg: AudioLMConfig) -> list[Rule]:
+    """Qwen3-ASR in transformers' native `qwen3_asr` layout."""
+    return (_aut_rules("model.audio_tower", "model.multi_modal_projector.linear_1",
+                       "model.multi_modal_projector.linear_2")
+            + _decoder_rules(cfg, "model.language_model"))
+
+
+def qwen3_asr_thinker_rules(cfg: AudioLMConfig) -> list[Rule]:
+    """Qwen3-ASR with the original `thinker.*` names (the qwen-asr package): the projector is
+    the audio tower's proj1 / proj2."""
+    t = "thinker.audio_tower"
+    return (_aut_rules(t, f"{t}.proj1", f"{t}.proj2")
+            + _decoder_rules(cfg, "thinker.model", lm_head="thinker.lm_head.weight"))
+
+
+LAYOUTS = {"glmasr": glmasr_rules, "arkasr": arkasr_rules, "qwen3_asr": qwen3_asr_rules,
+           "qwen3_asr_thinker": qwen3_asr_thinker_rules}
 
 
 def rules_for(layout: str, cfg: AudioLMConfig) -> list[Rule]:
@@ -142,10 +171,12 @@ def _expanded(rules: list[Rule], cfg: AudioLMConfig):
             yield r.ours.format(i=i), r.kind, hf, r.fuse, shapes.get(r.stack)
 
 
-def hf_to_global(hf: dict[str, torch.Tensor], rules: list[Rule], cfg: AudioLMConfig,
-                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """HF state dict -> our unsharded state dict. Every HF tensor must be used exactly once."""
-    used, out = set(), {}
+def iter_hf_to_global(hf, rules: list[Rule], cfg: AudioLMConfig, source: str = "checkpoint"):
+    """(our name, unsharded tensor) for every rule, reading HF tensors as it goes; at the end,
+    every HF tensor must have been used exactly once (a tied output layer may repeat the
+    embedding)."""
+    used = set()
+    embedding = None
     for ours, _, names, fuse, shape in _expanded(rules, cfg):
         missing = [n for n in names if n is not None and n not in hf]
         if missing:
@@ -154,39 +185,58 @@ def hf_to_global(hf: dict[str, torch.Tensor], rules: list[Rule], cfg: AudioLMCon
         if fuse == "qkv":
             q, k, v = (hf[n] if n else None for n in names)
             k = torch.zeros_like(v) if k is None else k
-            out[ours] = fuse_qkv(q, k, v, *shape)
+            tensor = fuse_qkv(q, k, v, *shape)
         elif fuse == "glu":
-            out[ours] = torch.cat([hf[names[0]], hf[names[1]]])
+            tensor = torch.cat([hf[names[0]], hf[names[1]]])
         else:
-            out[ours] = hf[names[0]].clone()
-    if cfg.decoder.tie_embeddings and "lm_head.weight" in hf:
-        if not torch.equal(hf["lm_head.weight"], out[EMBEDDING]):
-            raise ValueError(f"{source}: lm_head.weight differs from the embedding, but the "
-                             f"config ties them (tie_embeddings=True)")
-        used.add("lm_head.weight")
+            tensor = hf[names[0]]
+        if ours == EMBEDDING:
+            embedding = tensor
+        yield ours, tensor
+    head = _lm_head_name(rules)
+    if cfg.decoder.tie_embeddings and head in hf:
+        if not torch.equal(hf[head], embedding):
+            raise ValueError(f"{source}: {head} differs from the embedding, but the config ties "
+                             f"them (tie_embeddings=True)")
+        used.add(head)
     unexpected = sorted(set(hf) - used)
     if unexpected:
         raise KeyError(f"{source}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
-    return out
 
 
-def global_to_hf(ours: dict[str, torch.Tensor], rules: list[Rule],
-                 cfg: AudioLMConfig) -> dict[str, torch.Tensor]:
-    out = {}
+def hf_to_global(hf, rules: list[Rule], cfg: AudioLMConfig,
+                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """HF state dict -> our unsharded state dict."""
+    return dict(iter_hf_to_global(hf, rules, cfg, source))
+
+
+def iter_global_to_hf(ours, rules: list[Rule], cfg: AudioLMConfig):
+    """(HF name, tensor) for every tensor of the HF layout, from our unsharded tensors."""
     for name, _, names, fuse, shape in _expanded(rules, cfg):
         t = ours[name]
         if fuse == "qkv":
             for n, part in zip(names, split_qkv(t, *shape)):
                 if n is not None:  # a missing HF tensor (no key bias) is dropped
-                    out[n] = part.clone()
+                    yield n, part.clone()
         elif fuse == "glu":
             gate, up = t.chunk(2, dim=0)
-            out[names[0]], out[names[1]] = gate.clone(), up.clone()
+            yield names[0], gate.clone()
+            yield names[1], up.clone()
         else:
-            out[names[0]] = t.clone()
+            yield names[0], t.clone()
     if cfg.decoder.tie_embeddings:
-        out["lm_head.weight"] = ours[EMBEDDING].clone()
-    return out
+        yield _lm_head_name(rules), ours[EMBEDDING].clone()
+
+
+def global_to_hf(ours: dict[str, torch.Tensor], rules: list[Rule],
+                 cfg: AudioLMConfig) -> dict[str, torch.Tensor]:
+    return dict(iter_global_to_hf(ours, rules, cfg))
+
+
+def _lm_head_name(rules: list[Rule]) -> str:
+    """The HF name of the output layer: the embedding's prefix decides (thinker.* or not)."""
+    embedding = next(r.hf[0] for r in rules if r.ours == EMBEDDING)
+    return "thinker.lm_head.weight" if embedding.startswith("thinker.") else "lm_head.weight"
 
 
 # ----------------------------------------------------------------------------- TP / PP shards
