@@ -30,31 +30,9 @@ from tqdm import tqdm
 
 def do_import(args) -> str:
     from ark_mega import checkpoint
-    from ark_mega.convert.hf_folder import LazyTensors, config_from_hf, copy_tokenizer
-    from ark_mega.convert.hf_maps import iter_hf_to_global, rules_for
-    from ark_mega.models import AudioLM
+    from ark_mega.convert.hf_folder import copy_tokenizer, load_hf_model
 
-    with open(os.path.join(args.src, "config.json")) as f:
-        cfg, layout = config_from_hf(json.load(f))
-    tensors = LazyTensors(args.src, layout)
-    if layout == "qwen3_asr" and any(k.startswith("thinker.") for k in tensors):
-        layout = "qwen3_asr_thinker"
-    model = AudioLM(cfg)
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    filled = set()
-    rules = rules_for(layout, cfg)
-    for name, tensor in tqdm(iter_hf_to_global(tensors, rules, cfg, source=args.src),
-                             desc=f"importing {layout}", unit=" tensors"):
-        if name not in own:
-            raise KeyError(f"{args.src}: our model has no tensor {name}")
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"{args.src}: {name} has shape {tuple(tensor.shape)}, the config "
-                             f"says {tuple(own[name].shape)}")
-        own[name].copy_(tensor)
-        filled.add(name)
-    missing = sorted(set(own) - filled)
-    if missing:
-        raise KeyError(f"{args.src}: nothing in the checkpoint for {missing[:3]}")
+    model, layout = load_hf_model(args.src, progress=True)
     path = checkpoint.save(args.dst, 0, model)
     if os.path.isfile(os.path.join(args.src, "tokenizer.json")):
         os.makedirs(os.path.join(args.dst, "tokenizer"), exist_ok=True)

@@ -234,3 +234,37 @@ def config_to_hf(cfg: AudioLMConfig, layout: str) -> dict:
                            "encoder_ffn_dim": enc.ffn_hidden_size,
                            "max_source_positions": enc.max_frames},
     }
+
+
+def load_hf_model(folder: str, dtype: torch.dtype = torch.float32, progress: bool = False):
+    """An AudioLM (TP = PP = 1) with the weights of a Hugging Face folder, read tensor by
+    tensor; returns (model, layout)."""
+    from ..models import AudioLM
+    from .hf_maps import iter_hf_to_global, rules_for
+
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg, layout = config_from_hf(json.load(f))
+    tensors = LazyTensors(folder, layout)
+    if layout == "qwen3_asr" and any(k.startswith("thinker.") for k in tensors):
+        layout = "qwen3_asr_thinker"
+    model = AudioLM(cfg, dtype=dtype)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    filled = set()
+    items = iter_hf_to_global(tensors, rules_for(layout, cfg), cfg, source=folder)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"reading {layout}", unit=" tensors")
+    with torch.no_grad():
+        for name, tensor in items:
+            if name not in own:
+                raise KeyError(f"{folder}: our model has no tensor {name}")
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the config "
+                                 f"says {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+            filled.add(name)
+    missing = sorted(set(own) - filled)
+    if missing:
+        raise KeyError(f"{folder}: nothing in the checkpoint for {missing[:3]}")
+    return model, layout

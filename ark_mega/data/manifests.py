@@ -47,6 +47,7 @@ class LoadPolicy:
     max_duration: float = 30.0  # seconds
     decode_audio: bool = True  # decode each segment (catches corrupt and silent audio)
     silence_peak: float = 1e-4  # a segment whose peak |sample| is below this is silent
+    require_text: bool = True  # False for audio to transcribe: a missing text becomes ""
 
 
 @dataclass
@@ -146,6 +147,8 @@ class AudioChecks:
         return ManifestError(self.manifest, line, name, reason, kind)
 
     def text(self, line: int, obj: dict, name: str = "text") -> str:
+        if not self.policy.require_text and not obj.get(name):
+            return ""
         if name not in obj:
             raise self.error(line, name, "missing", "missing_field")
         value = obj[name]
@@ -306,6 +309,23 @@ def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
         id=cut.id, recording_id=cut.recording_id, start=0.0, duration=cut.duration, text=text,
         language=language, custom={"manifest": checks.manifest, "line": line})]
     return cut
+
+
+def audio_files(paths: list[str], policy: LoadPolicy | None = None) -> CutSet:
+    """Cuts of whole audio files (no transcript), checked like manifest records."""
+    policy = policy or LoadPolicy()
+    cuts = []
+    for index, path in enumerate(paths, start=1):
+        checks = AudioChecks("<command line>", policy)
+        obj = {"audio": os.path.abspath(path), "text": ""}
+        full = checks.audio_path(index, obj, "audio")
+        info = checks.probe(index, full, "audio")
+        begin, end = checks.segment(index, full, info.frames / info.samplerate, 0.0, None,
+                                    ("begin_time", "end_time"), "audio")
+        checks.samples(index, full, info.samplerate, begin, end, "audio")
+        cuts.append(_make_cut(f"{os.path.basename(path)}:{index}", full, begin, end, "", None,
+                              "<command line>", index))
+    return CutSet.from_cuts(cuts)
 
 
 def iter_records(path: str, policy: LoadPolicy) -> Iterator[tuple[int, Cut | ManifestError]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from lhotse import CutSet
@@ -41,9 +43,11 @@ def answer_text(prompts: PromptBuilder, ids: list[int]) -> str:
 
 @torch.no_grad()
 def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: torch.Tensor,
-               max_new_tokens: int = 256, batch_tokens: int = 8192) -> dict[str, str]:
+               max_new_tokens: int = 256, batch_tokens: int = 8192,
+               on_batch=None) -> dict[str, str]:
     """{cut id: transcript} for every cut, on every rank. Data-parallel ranks split the cuts;
-    the ranks of one model replica decode the same batches together."""
+    the ranks of one model replica decode the same batches together. `on_batch(cut_ids,
+    seconds)` is called after each of this rank's batches (progress, real-time factor)."""
     device = next(model.parameters()).device
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     share = list(cuts)[dp_rank::dp]  # every cut goes to exactly one DP rank
@@ -53,11 +57,14 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, top_k=1)
     mine = {}
     for batch_cuts in sampler:
+        t0 = time.perf_counter()
         batch = collate(batch_cuts)
         feats = [f.to(device) for f in batch.audio_features]
         out = generate(model, [prompts.build(f.shape[-1]).input_ids for f in feats], feats,
                        prompts.stop_id, cfg, blocked.to(device))
         mine.update({cid: answer_text(prompts, toks) for cid, toks in zip(batch.cut_ids, out.tokens)})
+        if on_batch is not None:
+            on_batch(batch.cut_ids, time.perf_counter() - t0)
     if dp == 1:
         return mine
     gathered = [None] * dp

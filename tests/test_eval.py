@@ -1,0 +1,91 @@
+"""Normalisation, corpus CER / WER against hand-computed cases, reports and the CLI tools."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ark_mega.eval import error_rate, normalize, summarize, tables, utterance_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_normalisation():
+    assert normalize("Hello, World!") == "hello world"
+    assert normalize("ＡＢＣ１２３") == "abc123"  # full-width to half-width
+    assert normalize("你好，世界。“引号”") == "你好 世界 引号"  # CJK punctuation
+    assert normalize("  a\t b\n") == "a b"
+
+
+def test_hand_computed_rates():
+    # 你好世界 -> 你好是界啊: one substitution, one insertion over 4 characters
+    r = error_rate(["你好世界"], ["你好是界啊"], "cer")
+    assert (r.errors, r.reference_length) == (2, 4)
+    # spaces do not count in CER, punctuation and case do not count at all
+    assert error_rate(["我爱 Python 编程！"], ["我爱python编程"], "cer").errors == 0
+    # mixed text: 我爱python编程 (10 units) vs 我爱pyton编程 -> one deletion
+    r = error_rate(["我爱 Python 编程"], ["我爱 Pyton 编程"], "cer")
+    assert (r.errors, r.reference_length) == (1, 10)
+    # WER: hello world -> hello word, one substitution over two words
+    r = error_rate(["Hello, World!"], ["hello word"], "wer")
+    assert (r.errors, r.reference_length, r.rate) == (1, 2, 0.5)
+
+
+def test_corpus_rate_sums_edits_rather_than_averaging():
+    refs, hyps = ["a b", "c d e f"], ["a", "c d e f"]
+    r = error_rate(refs, hyps, "wer")
+    assert r.rate == pytest.approx(1 / 6)  # not the mean of 0.5 and 0.0
+    with pytest.raises(ValueError, match="metric must be cer or wer"):
+        error_rate(refs, hyps, "ser")
+
+
+def test_report_rows_and_tables():
+    rows = utterance_rows(["u1", "u2", "u3"], ["a b c", "d e", "f"], ["a b c", "x", "f g h"], "wer")
+    # u2: a substitution and a deletion; u3: two insertions; ties in id order
+    assert [(r["id"], r["errors"]) for r in rows] == [("u2", 2), ("u3", 2), ("u1", 0)]
+    assert rows[-1] == {"id": "u1", "reference": "a b c", "hypothesis": "a b c",
+                        "reference_normalized": "a b c", "hypothesis_normalized": "a b c",
+                        "errors": 0, "reference_length": 3}
+    text, md = tables([summarize("demo", ["a b"], ["a"], "wer")])
+    assert "50.00%" in text and md.splitlines()[2] == "| demo | WER | 50.00% | 1 | 2 | 1 |"
+
+
+def test_transcribe_and_evaluate_tools(single_rank, tmp_path):
+    """A tiny random model imported from a transformers folder transcribes the demo's held-out
+    audio; evaluate.py scores the output."""
+    from ark_mega.data import train_bpe_tokenizer
+    from ark_mega.models import preset
+    from hf_reference import build_hf_model
+
+    cfg = preset("tiny_ark_asr")
+    cfg.encoder.num_mel_bins = 128
+    tok = train_bpe_tokenizer(["hello there", "你好世界"], 250)
+    cfg.audio_token_id = tok.token_to_id("<|audio|>")
+    build_hf_model(cfg).save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "examples/data/heldout.jsonl"),
+                                              encoding="utf-8")][-3:]
+    manifest = tmp_path / "m.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for r in rows:
+            r["audio"] = os.path.join(ROOT, "examples/data", r["audio"])
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    def run(tool, *args):
+        proc = subprocess.run([sys.executable, f"tools/{tool}", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = tmp_path / "hyp.jsonl"
+    run("transcribe.py", "--model", tmp_path / "hf", "--manifest", manifest, "--out", out,
+        "--max-new-tokens", "5")
+    hyps = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert len(hyps) == 3 and all(h["rtf"] > 0 and h["reference"] for h in hyps)
+    assert all(len(h["text"]) > 0 for h in hyps)
+    stdout = run("evaluate.py", "--hypotheses", out, "--metric", "cer", "--out-dir", tmp_path / "ev")
+    assert "hyp" in stdout and (tmp_path / "ev" / "summary.md").is_file()
+    scored = [json.loads(line) for line in open(tmp_path / "ev" / "hyp.jsonl", encoding="utf-8")]
+    assert [s["errors"] for s in scored] == sorted((s["errors"] for s in scored), reverse=True)
