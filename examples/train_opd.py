@@ -31,11 +31,13 @@ def main() -> int:
         run_demo(os.path.join("examples", "configs", "demo.yaml"), args.overrides)
         return 0
     from ark_mega.config import load_config
-    from ark_mega.opd.trainer import Trainer
+    from ark_mega.opd.trainer import PREEMPTED_EXIT_CODE, Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     trainer.run()
+    if trainer.preempted:  # saved; slurm/opd.sbatch requeues the job on this exit code
+        return PREEMPTED_EXIT_CODE
     if cfg.data.heldout:
         rates = trainer.evaluate()
         import torch.distributed as dist

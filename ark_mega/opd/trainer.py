@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 
 import psutil
@@ -109,9 +110,15 @@ SHOWN = ("loss", "vuss", "positions", "rollout_nonempty", "fallbacks", "mismatch
          "tokens_per_s", "step_time", "lr")
 
 
+PREEMPTED_EXIT_CODE = 3  # examples/train_opd.py exits with it after a preemption save
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # SLURM's --signal=USR1@T warns of the time limit / preemption: finish the step, save, stop
+        self.preempted = False
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         init_parallel(cfg.parallel)
         on_gpu = torch.cuda.is_available()
         self.dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32,
@@ -138,6 +145,9 @@ class Trainer:
         self.is_writer = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                           and ps.get_data_parallel_rank() == 0)
         self._build_optimizer()
+
+    def _on_usr1(self, signum, frame):
+        self.preempted = True
 
     # ------------------------------------------------------------------ setup
 
@@ -286,9 +296,13 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, metrics)
             result = metrics
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            stop = self._any_rank(self.preempted)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 checkpoint.save(self.ckpt_dir, step, self.student, self.optimizer, self.scheduler,
                                 extra={"epoch": epoch, "consumed": consumed}, keep_last=cfg.keep_last)
+            if stop:
+                self._mark_preempted(step)
+                break
         log.close()
         return result
 
@@ -306,6 +320,23 @@ class Trainer:
             loader = iter(self._loader(cuts, epoch, 0))
             batch = next(loader)
         return batch, loader, epoch, consumed + 1
+
+    def _mark_preempted(self, step: int) -> None:
+        """Tell the launcher (slurm/opd.sbatch) that the run stopped on USR1 after saving: the
+        exit code is 3, and torchrun, which reports 1 for any failed worker, is bypassed by the
+        file named in ARK_PREEMPT_MARKER."""
+        self.preempted = True
+        if dist.get_rank() == 0:
+            print(f"[{self.cfg.name}] USR1: saved step {step} and stopping", flush=True)
+            marker = os.environ.get("ARK_PREEMPT_MARKER")
+            if marker:
+                with open(marker, "w") as f:
+                    f.write(f"{step}\n")
+
+    def _any_rank(self, flag: bool) -> bool:
+        out = torch.tensor([1.0 if flag else 0.0], device=self.dev)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return bool(out.item())
 
     def _all_finite(self, loss) -> bool:
         """The last stage's loss decides for every rank."""

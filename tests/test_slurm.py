@@ -1,0 +1,106 @@
+"""slurm/opd.sbatch on a real one-node SLURM cluster (munge, slurmctld, slurmd from Debian's
+slurm-wlm packages, which .ci/run installs): a job that runs to completion, then a job that is
+sent USR1 mid-run, saves, is requeued and resumes without repeating or losing a step."""
+
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+import slurm_cluster
+from opd_setup import ROOT, tokenizer
+
+pytestmark = pytest.mark.skipif(not slurm_cluster.available(),
+                                reason="SLURM (slurm-wlm, munge) is not installed, or not root")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = slurm_cluster.Cluster(str(tmp_path_factory.mktemp("slurm"))).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurmcfg")
+    tok = d / "tokenizer.json"
+    tokenizer().save(str(tok))
+    path = d / "sft.yaml"
+    path.write_text(f"""stage: sft
+student:
+  preset: tiny_ark_asr
+  tokenizer: {tok}
+  overrides: {{decoder.vocab_size: 384, encoder.num_mel_bins: 128}}
+data: {{train: examples/data/train.jsonl, heldout: null, max_tokens: 1500, num_workers: 0, subset: 0.2}}
+optim: {{lr: 1.0e-3, weight_decay: 0.0}}
+""")
+    return path
+
+
+def submit(cluster, config, *overrides):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
+           "PYTHON": sys.executable}
+    proc = cluster.run("sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2",
+                       "slurm/opd.sbatch", "--config", str(config), *overrides, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def steps_logged(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def log_of(job_id):
+    return open(os.path.join(ROOT, "logs", f"ark-opd-{job_id}.out")).read()
+
+
+def test_dry_run_prints_the_launch_command(cluster, config):
+    proc = cluster.run("bash", "slurm/opd.sbatch", "--config", str(config), cwd=ROOT,
+                       env={"DRY_RUN": "1", "SLURM_JOB_NODELIST": cluster.host,
+                            "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "42",
+                            "NPROC_PER_NODE": "8"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (
+        f"{cluster.host}: python3 -m torch.distributed.run --nnodes 1 --nproc_per_node 8 "
+        f"--rdzv_backend c10d --rdzv_endpoint {cluster.host}:29500 --rdzv_id 42 "
+        f"examples/train_opd.py --config {config}")
+
+
+def test_job_completes_with_checkpoint_and_metrics(cluster, config, tmp_path):
+    job = submit(cluster, config, f"output_dir={tmp_path}", "steps=6", "save_every=3")
+    info = cluster.wait(job)
+    assert info["JobState"] == "COMPLETED", log_of(job)[-3000:]
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000003", "step_000006"]
+
+
+def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
+    job = submit(cluster, config, f"output_dir={tmp_path}", "steps=120", "save_every=1000")
+    for _ in range(240):  # until the run is well under way
+        if os.path.exists(tmp_path / "metrics.jsonl") and len(steps_logged(tmp_path)) >= 8:
+            break
+        time.sleep(0.5)
+    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    cluster.wait(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=120)
+    for _ in range(120):  # requeued jobs wait for a begin time: start it now
+        info = cluster.job(job)
+        if info.get("Restarts") == "1":
+            break
+        time.sleep(0.5)
+    assert info.get("Restarts") == "1", log_of(job)[-3000:]
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = cluster.wait(job)
+    log = log_of(job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    saved = int(log.split("USR1: saved step ")[1].split()[0])
+    assert 8 <= saved < 120 and f"resumed from" in log and "(restart 1)" in log
+    assert steps_logged(tmp_path) == list(range(1, 121))  # no step repeated or lost
+    assert f"step_{saved:06d}" in os.listdir(tmp_path / "checkpoints")
