@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -42,15 +43,19 @@ optim: {{lr: 1.0e-3, weight_decay: 0.0}}
 
 
 def submit(cluster, config, *overrides):
+    """Submit under a fresh job name: a new test cluster restarts job ids at 1, and job logs
+    (logs/<name>-<id>.out) are appended to."""
+    name = f"ark-test-{uuid.uuid4().hex[:8]}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
            "PYTHON": sys.executable}
     proc = cluster.run("sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2",
-                       "slurm/opd.sbatch", "--config", str(config), *overrides, cwd=ROOT, env=env)
+                       f"--job-name={name}", "slurm/opd.sbatch", "--config", str(config),
+                       *overrides, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
+    return proc.stdout.strip().split(";")[0], name
 
 
 def steps_logged(out_dir):
@@ -58,8 +63,9 @@ def steps_logged(out_dir):
         return [json.loads(line)["step"] for line in f]
 
 
-def log_of(job_id):
-    return open(os.path.join(ROOT, "logs", f"ark-opd-{job_id}.out")).read()
+def log_of(job):
+    job_id, name = job
+    return open(os.path.join(ROOT, "logs", f"{name}-{job_id}.out")).read()
 
 
 def test_dry_run_prints_the_launch_command(cluster, config):
@@ -76,7 +82,7 @@ def test_dry_run_prints_the_launch_command(cluster, config):
 
 def test_job_completes_with_checkpoint_and_metrics(cluster, config, tmp_path):
     job = submit(cluster, config, f"output_dir={tmp_path}", "steps=6", "save_every=3")
-    info = cluster.wait(job)
+    info = cluster.wait(job[0])
     assert info["JobState"] == "COMPLETED", log_of(job)[-3000:]
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000003", "step_000006"]
@@ -88,16 +94,16 @@ def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
         if os.path.exists(tmp_path / "metrics.jsonl") and len(steps_logged(tmp_path)) >= 8:
             break
         time.sleep(0.5)
-    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
-    cluster.wait(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=120)
+    assert cluster.run("scancel", "--signal=USR1", job[0]).returncode == 0
+    cluster.wait(job[0], states=("PENDING", "COMPLETED", "FAILED"), timeout=120)
     for _ in range(120):  # requeued jobs wait for a begin time: start it now
-        info = cluster.job(job)
+        info = cluster.job(job[0])
         if info.get("Restarts") == "1":
             break
         time.sleep(0.5)
     assert info.get("Restarts") == "1", log_of(job)[-3000:]
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    info = cluster.wait(job)
+    cluster.run("scontrol", "update", f"JobId={job[0]}", "StartTime=now")
+    info = cluster.wait(job[0])
     log = log_of(job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     saved = int(log.split("USR1: saved step ")[1].split()[0])
