@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

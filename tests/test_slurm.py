@@ -107,6 +107,6 @@ def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
     log = log_of(job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     saved = int(log.split("USR1: saved step ")[1].split()[0])
-    assert 8 <= saved < 120 and f"resumed from" in log and "(restart 1)" in log
+    assert 8 <= saved < 120 and "resumed from" in log and "(restart 1)" in log
     assert steps_logged(tmp_path) == list(range(1, 121))  # no step repeated or lost
     assert f"step_{saved:06d}" in os.listdir(tmp_path / "checkpoints")
