@@ -57,8 +57,9 @@ class OPDStep:
 
     def prepare(self, batch: Batch) -> tuple[dict | None, dict]:
         """Rollout, teacher scoring and union support: the student's training input
-        (`micro`: packed ids, cu_seqlens, audio; `flat`: scored positions; `union`, on the last
-        stage) and the metrics so far. `None` when every rollout is empty."""
+        (`micro`: packed ids, cu_seqlens, audio; `flat`: scored positions; `union` and the
+        student's top-k ids, on the last stage; the kept utterances and their answers) and the
+        metrics so far. `None` when every rollout is empty."""
         cfg, device = self.cfg, next(self.student.parameters()).device
         feats = [f.to(device) for f in batch.audio_features]
         frames = [f.shape[-1] for f in feats]
@@ -100,7 +101,9 @@ class OPDStep:
                             device=device)
         micro = {"input_ids": ids, "cu_seqlens": cu, "audio_features": [feats[i] for i in keep],
                  "return_hidden": True}
-        return {"micro": micro, "flat": flat, "union": union, "teacher_inputs": teacher_inputs}, metrics
+        return {"micro": micro, "flat": flat, "union": union, "teacher_inputs": teacher_inputs,
+                "keep": keep, "answers": [answers[i] for i in keep],
+                "student_topk": student_topk}, metrics
 
     def __call__(self, batch: Batch) -> dict:
         work, metrics = self.prepare(batch)

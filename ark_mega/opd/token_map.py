@@ -32,10 +32,11 @@ class TokenMap:
                              f"teacher token with the same string (min_coverage={min_coverage})")
 
     def to_student(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        return _lookup(self.t2s, teacher_ids)
+        return teacher_ids if self.identity else _lookup(self.t2s, teacher_ids)
 
     def to_teacher(self, student_ids: torch.Tensor) -> torch.Tensor:
-        return _lookup(self.s2t, student_ids)
+        # identity: every id of the shared vocabulary, embedding padding rows included
+        return student_ids if self.identity else _lookup(self.s2t, student_ids)
 
 
 def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
