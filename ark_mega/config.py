@@ -50,8 +50,12 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     # megatron's distributed optimizer shards the optimizer state over data-parallel ranks; it
-    # needs reduce-scatter, which gloo lacks, so "auto" turns it on with CUDA only
-    distributed: str = "auto"  # auto | true | false
+    # needs reduce-scatter, which gloo lacks, so by default (None) it is on with CUDA only
+    distributed: bool | None = None
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
 
 
 @dataclass

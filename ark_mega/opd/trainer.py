@@ -153,7 +153,7 @@ class Trainer:
 
     def _build_optimizer(self):
         cfg, o = self.cfg, self.cfg.optim
-        distributed = {"auto": torch.cuda.is_available(), "true": True, "false": False}[o.distributed]
+        distributed = torch.cuda.is_available() if o.distributed is None else o.distributed
         ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=distributed,
                                                 grad_reduce_in_fp32=True)
         self.ddp = DistributedDataParallel(config=self.student.config, ddp_config=ddp_cfg,
@@ -163,11 +163,10 @@ class Trainer:
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
             bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
             use_distributed_optimizer=distributed), [self.ddp])
-        decay = "constant" if o.schedule == "constant" else o.schedule
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
             lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, o.warmup_steps + 1),
-            lr_decay_style=decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            lr_decay_style=o.schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant")
 
     def _train_cuts(self) -> CutSet:
@@ -223,17 +222,18 @@ class Trainer:
 
     def _loader(self, cuts: CutSet, epoch: int, consumed: int):
         cfg = self.cfg
-        counter = TokenCounter(self.sp)
-        sampler = TokenBudgetSampler(cuts, cfg.data.max_tokens, counter, num_buckets=cfg.data.num_buckets,
-                                     seed=cfg.seed, rank=ps.get_data_parallel_rank(),
-                                     world_size=ps.get_data_parallel_world_size())
-        sampler.set_epoch(epoch)
-        if consumed:  # resume: the position after the last batch the run used
-            scout = TokenBudgetSampler(cuts, cfg.data.max_tokens, counter,
-                                       num_buckets=cfg.data.num_buckets, seed=cfg.seed,
-                                       rank=ps.get_data_parallel_rank(),
-                                       world_size=ps.get_data_parallel_world_size())
-            scout.set_epoch(epoch)
+
+        def new_sampler():
+            s = TokenBudgetSampler(cuts, cfg.data.max_tokens, TokenCounter(self.sp),
+                                   num_buckets=cfg.data.num_buckets, seed=cfg.seed,
+                                   rank=ps.get_data_parallel_rank(),
+                                   world_size=ps.get_data_parallel_world_size())
+            s.set_epoch(epoch)
+            return s
+
+        sampler = new_sampler()
+        if consumed:  # resume: the position after the last batch the run used (workers prefetch,
+            scout = new_sampler()  # so the sampler's own state would be ahead of it)
             it = iter(scout)
             for _ in range(consumed):
                 next(it)
