@@ -37,15 +37,21 @@ def cut_text(cut: Cut) -> str:
 
 
 class TokenCounter:
-    """Decoder tokens of a cut under a prompt builder (prompt + answer + stop)."""
+    """Decoder tokens of a cut under a prompt builder (prompt + answer + stop). Counts are kept
+    by cut id: the sampler measures every cut several times (bucket edges, batching)."""
 
     def __init__(self, prompts: PromptBuilder):
         self.prompts = prompts
+        self._counts: dict[str, int] = {}
 
     def __call__(self, cut: Cut) -> int:
-        p = self.prompts
-        return (len(p.prefix) + p.audio_tokens(cut_frames(cut)) + len(p.suffix)
-                + len(p.answer(cut_text(cut), cut.supervisions[0].language)))
+        n = self._counts.get(cut.id)
+        if n is None:
+            p = self.prompts
+            n = (len(p.prefix) + p.audio_tokens(cut_frames(cut)) + len(p.suffix)
+                 + len(p.answer(cut_text(cut), cut.supervisions[0].language)))
+            self._counts[cut.id] = n
+        return n
 
 
 @dataclass
