@@ -11,7 +11,7 @@ position are kept for the OPD union.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,7 @@ class Rollout:
     # top-k ids [n_i, k] at each scored position: one per generated token, plus the stop
     # token's position when it was generated. Kept on the last pipeline stage (None elsewhere).
     topk_ids: list[torch.Tensor] | None = None
-    steps: int = 0
-    extra: dict = field(default_factory=dict)
+    steps: int = 0  # decoding steps taken
 
 
 def _send_recv_hidden(model: AudioLM, shape, device, dtype):
