@@ -27,11 +27,16 @@ from .config import AuTEncoderConfig, WhisperEncoderConfig
 from .specs import encoder_layer_spec
 
 
-def _packed(lengths: list[int], device) -> PackedSeqParams:
-    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
-    longest = max(lengths)
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """megatron's THD description of segments with boundaries `cu_seqlens` [n + 1]."""
+    cu = cu_seqlens.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _packed(lengths: list[int], device) -> PackedSeqParams:
+    return packed_seq_params(torch.tensor([0] + lengths, device=device).cumsum(0))
 
 
 class MLPProjector(MegatronModule):

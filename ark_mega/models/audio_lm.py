@@ -12,20 +12,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-from .audio_encoders import AuTEncoder, WhisperEncoder
+from .audio_encoders import AuTEncoder, WhisperEncoder, packed_seq_params
 from .config import AudioLMConfig
 from .megatron_config import decoder_config, encoder_config
 from .specs import decoder_layer_spec, te_available
-
-
-def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
-    cu = cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 class AudioLM(MegatronModule):

@@ -41,6 +41,12 @@ def sft_step(model, batch: Batch) -> dict:
     return {"loss": reports[0]["loss"].item(), "tokens": int(reports[0]["tokens"])}
 
 
+def _answer_positions(prompt, answer: list[int]) -> list[int]:
+    """Positions of prompt + answer whose next-token distribution predicts the answer."""
+    start = len(prompt.input_ids) - 1
+    return list(range(start, start + len(answer)))
+
+
 class OPDStep:
     """Rollout -> teacher scoring -> union support -> student forward/backward on the union."""
 
@@ -95,7 +101,7 @@ class OPDStep:
         metrics.update(time_teacher=time.perf_counter() - t1, mismatch=mismatch)
 
         seqs = [prompts[i].input_ids + answers[i] for i in keep]
-        positions = [[len(prompts[i].input_ids) - 1 + j for j in range(len(answers[i]))] for i in keep]
+        positions = [_answer_positions(prompts[i], answers[i]) for i in keep]
         ids, cu = packed(seqs, device)
         flat = torch.tensor([int(cu[n]) + p for n, pos in enumerate(positions) for p in pos],
                             device=device)
@@ -138,8 +144,8 @@ class OPDStep:
         if redo:  # references the student did not generate: score them by teacher forcing
             top = score(self.module, [prompts[i].input_ids + answers[i] for i in redo],
                         [feats[i] for i in redo],
-                        [[len(prompts[i].input_ids) - 1 + j for j in range(len(answers[i]))]
-                         for i in redo], self.cfg.top_k, blocked=self.blocked)
+                        [_answer_positions(prompts[i], answers[i]) for i in redo],
+                        self.cfg.top_k, blocked=self.blocked)
         if not ps.is_pipeline_last_stage():
             return None
         if redo:
