@@ -77,12 +77,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         subprocess.run(["slurmctld", "-f", self.conf], check=True, env=self.env)
         subprocess.run(["slurmd", "-f", self.conf], check=True, env=self.env)
-        for _ in range(60):
-            out = self.run("sinfo", "-h", "-o", "%t").stdout.strip()
-            if out.startswith("idle"):
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"the test cluster did not come up: sinfo says {out!r}")
+        self.wait_node_idle(timeout=30)
+        return self
 
     def run(self, *cmd, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), capture_output=True, text=True, env={**self.env, **kw.pop("env", {})}, **kw)
@@ -100,6 +96,15 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 return info
             time.sleep(1)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
+
+    def wait_node_idle(self, timeout: float = 60) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            state = self.run("sinfo", "-h", "-o", "%t").stdout.strip()
+            if state == "idle":
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"the test node is not idle after {timeout} s: sinfo says {state!r}")
 
     def stop(self) -> None:
         for pid_file in reversed(self.pids):

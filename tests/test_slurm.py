@@ -102,6 +102,12 @@ def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
             break
         time.sleep(0.5)
     assert info.get("Restarts") == "1", log_of(job)[-3000:]
+    # slurmd revokes the first instance's credential when it ends, at one-second resolution:
+    # a relaunch of the same job id whose credential is dated in that second is killed
+    # ("Job credential revoked"). Start it only once the node is idle again (the revocation
+    # is done) and the clock has moved past that second.
+    cluster.wait_node_idle()
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job[0]}", "StartTime=now")
     info = cluster.wait(job[0])
     log = log_of(job)
