@@ -79,12 +79,56 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# The distributed optimizer's state is saved in the model's tensor layout (gathered over the
+# data-parallel group), so it reshards to any TP / PP / DP layout like the weights; megatron's
+# default for it is a deprecated format that its own save rejects.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def _sharded(model, optimizer, scheduler, loading: bool) -> dict:
     model_sd = model.sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                       metadata=OPTIMIZER_METADATA)
     return sd
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """A distributed optimizer that has not stepped yet has no Adam state to load into (with
+    torch's Adam, its state_dict() then fails): megatron's own dummy step allocates it, and the
+    checkpoint replaces every value it leaves."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+    _keep_adam_step_on_load()
+
+
+def _keep_adam_step_on_load() -> None:
+    """Two faults of megatron-core 0.16's distributed optimizer with torch's Adam (no TE or
+    apex) at load: it restores `step` as ONE tensor shared by all parameters, which Adam then
+    increments once per parameter at each step (the resumed run diverges), and it copies every
+    key of the Adam state from the per-parameter checkpoint tensors, which carry no `step`
+    (KeyError). Each parameter gets its own copy of the restored step, kept as it is."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(setter, "__ark_keeps_step__", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        setter(self, model_param, tensors)
+
+    set_states.__ark_keeps_step__ = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None,
@@ -121,6 +165,8 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True) 
     return this rank's extra state (step, sampler, ...) with the RNG states restored.
     With `optimizer=None` only the weights are read (e.g. initial weights of a new stage)."""
     path = resolve(path)
+    if optimizer is not None:
+        _prepare_optimizer_for_load(optimizer)
     state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), path)
     model.load_state_dict(state["model"], strict=strict)
     if optimizer is None:

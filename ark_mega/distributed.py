@@ -117,10 +117,28 @@ def _patched(owner, name, value):
         setattr(owner, name, old)
 
 
-def _without_cuda(fn):
+def _cuda_type_names():
+    """`tensor.type()` names CPU tensors as their CUDA counterparts ('torch.cuda.FloatTensor'),
+    for megatron's optimizers, which sort parameters by comparing these names."""
+    real = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return real(self, *args, **kwargs)
+        name = real(self)
+        return name if self.is_cuda else name.replace("torch.", "torch.cuda.", 1)
+
+    return _patched(torch.Tensor, "type", type_)
+
+
+def _adapted(fn, context):
+    """`fn` run inside `context()`; marked so that adapting twice wraps once."""
+    if getattr(fn, "__ark_cpu_adapted__", False):
+        return fn
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cuda_is_cpu():
+        with context():
             return fn(*args, **kwargs)
 
     wrapper.__ark_cpu_adapted__ = True
@@ -160,12 +178,17 @@ def adapt_megatron_to_cpu() -> None:
          `.cuda()` before its all-reduce at PP > 1 -> stays on the CPU.
       5. `torch.cuda.synchronize()` after pipeline sends / receives -> nothing to wait for
          (gloo's CPU collectives are synchronous).
+      6. `clip_grad_by_total_norm_fp32` asserts CUDA gradients -> a CPU version of the same.
+      7. the mixed-precision and distributed optimizers sort parameters by `param.type()`
+         against CUDA type names -> in their constructors CPU tensors carry those names.
+      8. the distributed optimizer gathers its state for a checkpoint through `.cuda()`
+         copies -> they stay on the CPU.
     """
     if torch.cuda.is_available():
         raise RuntimeError("adapt_megatron_to_cpu is only for processes without CUDA")
     from megatron.core import utils as mp_utils
     from megatron.core.models.common.language_module import language_module
-    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
     from megatron.core.optimizer import optimizer as mp_optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
@@ -182,14 +205,19 @@ def adapt_megatron_to_cpu() -> None:
             module.torch = _CudaLiteralsToCpu(torch)
 
     module = language_module.LanguageModule  # site 4
-    if not getattr(module.setup_embeddings_and_output_layer, "__ark_cpu_adapted__", False):
-        module.setup_embeddings_and_output_layer = _without_cuda(
-            module.setup_embeddings_and_output_layer
-        )
+    module.setup_embeddings_and_output_layer = _adapted(
+        module.setup_embeddings_and_output_layer, _cuda_is_cpu)
 
     torch.cuda.synchronize = lambda device=None: None  # site 5
 
     mp_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm  # site 6
+
+    for cls in (mp_optimizer.Float16OptimizerWithFloat16Params,  # site 7
+                distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _adapted(cls.__init__, _cuda_type_names)
+
+    cls = distrib_optimizer.DistributedOptimizer  # site 8
+    cls.get_parameter_state_dp_zero = _adapted(cls.get_parameter_state_dp_zero, _cuda_is_cpu)
 
 
 def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):

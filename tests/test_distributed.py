@@ -75,6 +75,42 @@ def test_site6_gradient_clipping_on_cpu(single_rank):
     assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
 
 
+def bf16_distributed_optimizer():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ark_mega.models import AudioLM, preset
+
+    model = AudioLM(preset("tiny_ark_asr"), dtype=torch.bfloat16)
+    ddp = DistributedDataParallel(config=model.config, module=model,
+                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16,
+                                                 use_distributed_optimizer=True), [ddp])
+    return ddp, opt
+
+
+def test_site7_optimizers_see_cuda_type_names_only_while_built(single_rank):
+    _, opt = bf16_distributed_optimizer()
+    assert type(opt.chained_optimizers[0]).__name__ == "DistributedOptimizer"
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.BFloat16Tensor"  # restored
+
+
+def test_site8_distributed_optimizer_state_gathers_on_cpu(single_rank):
+    ddp, opt = bf16_distributed_optimizer()
+    ids = torch.randint(0, 200, (1, 12))
+    ddp(ids, None, torch.tensor([0, 12])).float().pow(2).sum().backward()
+    assert opt.step()[0]
+    state = opt.chained_optimizers[0].get_parameter_state_dp_zero()
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, list) else []
+        return [t for item in items for t in tensors(item)]
+
+    found = tensors(state)
+    assert len(found) >= 3 and all(t.device.type == "cpu" for t in found)  # param, exp_avg(_sq)
+
+
 def test_megatron_optimizer_steps_on_cpu(single_rank):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -80,3 +80,11 @@ def test_real_presets_have_transformers_parameter_counts(single_rank):
         cfg = preset(name)
         assert sizes.our_count(cfg) == sizes.hf_count(cfg), name
     assert 0.55e9 < sizes.our_count(preset("ark_asr_0p6b")) < 0.65e9
+
+
+@pytest.mark.parametrize("name", ["tiny_ark_asr", "tiny_qwen3_asr"])
+def test_a_bf16_model_has_one_dtype(single_rank, name):
+    """megatron's norms make fp32 weights whatever params_dtype says; a mixed model breaks the
+    optimizers' checkpoints and torch's fused RMSNorm."""
+    model = AudioLM(preset(name), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

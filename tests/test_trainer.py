@@ -76,15 +76,22 @@ def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def test_resume_continues_bitwise(single_rank, tmp_path, tok_file):
+@pytest.mark.parametrize("dtype,distributed", [("fp32", False), ("bf16", True)])
+def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, distributed):
+    """Also in bf16 with megatron's distributed optimizer, the GPU default (its checkpoint
+    format, its fresh state at load, torch Adam's step)."""
     from ark_mega.opd.trainer import Trainer
 
-    Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "a", steps=5))).run()
-    Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "b", steps=3))).run()
+    def run(out, steps):
+        Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / out, steps=steps,
+                                                dtype=dtype, **{"optim.distributed": distributed}))).run()
+
+    run("a", 5)
+    run("b", 3)
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")] \
         == ["step_000002", "step_000003"]  # keep_last = 2
     # "killed" after step 3: the restarted run resumes from step 3's checkpoint
-    Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "b", steps=5))).run()
+    run("b", 5)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == [1, 2, 3, 4, 5]  # the first run logged 1-3, the resumed one 4-5
     assert [a[s] for s in (4, 5)] == [b[s] for s in (4, 5)]  # bitwise equal

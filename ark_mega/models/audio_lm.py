@@ -54,6 +54,11 @@ class AudioLM(MegatronModule):
             position_embedding_type="rope",
             rotary_base=dec.rotary_base,
         )
+        # megatron's norm wrappers ignore params_dtype and make fp32 weights: a bf16 model would
+        # then mix dtypes, which the optimizers' checkpoints cannot shard (and torch's fused
+        # RMSNorm refuses, falling back to fp32 intermediates)
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input here (megatron schedules)."""
