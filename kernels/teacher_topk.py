@@ -39,19 +39,22 @@ def teacher_topk_reference(full_logits: torch.Tensor, k: int, student_ids: torch
 def _lse_gather_kernel(z_ptr, sid_ptr, lse_ptr, at_ptr, v, ks, chunk_start,
                        BLOCK_V: tl.constexpr, KSP: tl.constexpr):
     n = tl.program_id(0)
+    row = z_ptr + n.to(tl.int64) * v  # N * V passes 2^31 at real vocabulary sizes
     m = float("-inf")
     acc = 0.0
     for v0 in range(0, v, BLOCK_V):
         vs = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(z_ptr + n * v + vs, mask=vs < v, other=float("-inf")).to(tl.float32)
+        z = tl.load(row + vs, mask=vs < v, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        # blocked (-inf) ids alone so far: shift by 0, not by -inf (exp(-inf - -inf) is NaN)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
     tl.store(lse_ptr + n, m + tl.log(acc))
     cols = tl.arange(0, KSP)
     sid = tl.load(sid_ptr + n * ks + cols, mask=cols < ks, other=-1) - chunk_start
     owned = (sid >= 0) & (sid < v) & (cols < ks)
-    z_at = tl.load(z_ptr + n * v + sid, mask=owned, other=0.0).to(tl.float32)
+    z_at = tl.load(row + sid, mask=owned, other=0.0).to(tl.float32)
     tl.store(at_ptr + n * ks + cols, z_at, mask=cols < ks)
 
 

@@ -158,6 +158,25 @@ def test_teacher_topk_from_logits_and_hidden(k):
         assert torch.isinf(got.logprobs_at_student[0, 0]) and torch.isinf(got.logprobs_at_student[1, -1])
 
 
+def test_teacher_topk_with_blocked_leading_block_and_chunk():
+    """Blocked ids (-inf) filling the kernel's first block of a row, or a whole chunk of the
+    vocabulary, give the reference's finite log-probabilities, not NaN."""
+    n, h, v = 4, 8, 1500  # the kernel reads a row 1024 ids at a time
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    blocked = torch.zeros(v, dtype=torch.bool)
+    blocked[:1100] = True
+    student = torch.randint(1100, v, (n, 4), generator=gen)
+    ref = teacher_topk_reference((hidden @ weight.t()).double().masked_fill(blocked, float("-inf")),
+                                 4, student)
+    for got in (teacher_topk(4, student, logits=hidden @ weight.t(), blocked=blocked, impl="triton"),
+                teacher_topk(4, student, hidden=hidden, weight=weight, blocked=blocked, chunk=512,
+                             impl="triton")):
+        assert torch.isfinite(got.logprobs).all() and torch.isfinite(got.logprobs_at_student).all()
+        assert torch.equal(got.ids, ref.ids)
+        assert rel(got.logprobs_at_student, ref.logprobs_at_student) < 1e-5
+
+
 def test_vocab_parallel_kernels_at_tp2_equal_tp1():
     from conftest import torchrun
 
