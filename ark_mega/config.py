@@ -24,6 +24,10 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # e.g. {"decoder.num_layers": 2}
     checkpoint: str | None = None  # megatron checkpoint folder with the initial weights
     tokenizer: str | None = None  # tokenizer.json (or its folder)
+    # layers, as Megatron-LM's --transformer-impl: auto (TE when it imports, with CUDA) | local |
+    # transformer_engine; fp8 (TE only): null | hybrid | e4m3
+    transformer_impl: str = "auto"
+    fp8: str | None = None
 
 
 @dataclass

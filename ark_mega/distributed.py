@@ -73,8 +73,9 @@ def destroy_parallel() -> None:
 def _init_process_group(timeout_minutes: int) -> None:
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
+        # more processes than GPUs on a node (a test, a check) share them rather than fail
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:
         backend = "gloo"

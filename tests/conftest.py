@@ -25,7 +25,11 @@ def single_rank():
 
 
 def torchrun(script: str, *args: str, nproc: int = 2) -> list[dict]:
-    """Run tests/<script> under torchrun on the CPU; return the JSON lines it printed."""
+    """Run tests/<script> under torchrun (CPU and gloo; NCCL on a GPU machine, which needs a GPU
+    per process); return the JSON lines it printed."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        pytest.skip(f"{nproc} processes need {nproc} GPUs here (NCCL), this machine has "
+                    f"{torch.cuda.device_count()}")
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -10,6 +10,17 @@ from ark_mega.kernels.teacher_topk import teacher_topk_reference
 from ark_mega.kernels.union_kl import union_kl_reference
 
 V = 300
+# The kernels run compiled on a GPU, in Triton's interpreter on the CPU; inputs are made on the
+# CPU (same values on both) and moved to the kernels' device, results compared on the CPU.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_dev(*tensors):
+    return [t.to(DEV) for t in tensors]
+
+
+def on_cpu(result):
+    return type(result)(*(t.cpu() for t in result))
 
 
 def rel(a, b):
@@ -36,7 +47,7 @@ def test_union_support_matches_sets(k):
     teacher[5, : k // 2 + 1] = -1  # unmappable teacher ids
     gen = torch.Generator().manual_seed(k + 1)
     t_scores, s_scores = torch.randn(n, k, generator=gen), torch.randn(n, k, generator=gen)
-    got = union_support(teacher, student, t_scores, s_scores, impl="triton")
+    got = on_cpu(union_support(*on_dev(teacher, student, t_scores, s_scores), impl="triton"))
     ref = union_support(teacher, student, t_scores, s_scores, impl="torch")
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
@@ -68,15 +79,16 @@ def kl_inputs(n, u, seed, dtype=torch.float32):
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_union_kl_kernel_against_float64(u, tau):
     s, t, valid = kl_inputs(33, u, seed=u)
-    s_k = s.clone().requires_grad_()
-    loss = union_kl(s_k, t, valid, tau, impl="triton")
+    s_k = s.clone().to(DEV).requires_grad_()
+    loss = union_kl(s_k, *on_dev(t, valid), tau, impl="triton")
     loss.backward()
+    loss, grad = loss.cpu(), s_k.grad.cpu()
     s64 = s.double().requires_grad_()
     ref = union_kl_reference(s64, t.double(), valid, tau)
     ref.backward()
     assert rel(loss, ref) < 1e-5
-    assert rel(s_k.grad, s64.grad) < 1e-5
-    assert torch.all(s_k.grad[~valid] == 0) and torch.all(s_k.grad[:2] == 0)
+    assert rel(grad, s64.grad) < 1e-5
+    assert torch.all(grad[~valid] == 0) and torch.all(grad[:2] == 0)
 
 
 def test_union_kl_reference_is_the_paper_equation():
@@ -108,22 +120,24 @@ def test_sparse_lm_head_against_float64(u):
     ids = torch.randint(0, V, (n, u), generator=gen)
     ids[torch.rand(n, u, generator=gen) < 0.2] = -1
     ids[2] = -1
-    hk, wk = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    hk, wk = hidden.clone().to(DEV).requires_grad_(), weight.clone().to(DEV).requires_grad_()
     g = torch.randn(n, u, generator=gen)
-    out = sparse_lm_head(hk, wk, ids, impl="triton")
-    (out * g).sum().backward()
+    out = sparse_lm_head(hk, wk, ids.to(DEV), impl="triton")
+    (out * g.to(DEV)).sum().backward()
+    out, h_grad, w_grad = out.detach().cpu(), hk.grad.cpu(), wk.grad.cpu()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref = sparse_logits_reference(h64, w64, ids)
     (ref * g.double()).sum().backward()
     assert rel(out, ref) < 1e-5
     assert torch.all(out[ids < 0] == 0)
-    assert rel(hk.grad, h64.grad) < 1e-5 and rel(wk.grad, w64.grad) < 1e-5
+    assert rel(h_grad, h64.grad) < 1e-5 and rel(w_grad, w64.grad) < 1e-5
 
 
 def test_sparse_lm_head_shard_owns_its_rows_only():
     gen = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(V, 8, generator=gen)
     ids = torch.randint(0, V, (4, 16), generator=gen)
+    hidden, weight, ids = on_dev(hidden, weight, ids)
     full = sparse_lm_head(hidden, weight, ids, impl="triton")
     halves = [sparse_lm_head(hidden, weight[a:a + V // 2], ids, vocab_start=a, impl="triton")
               for a in (0, V // 2)]
@@ -148,8 +162,10 @@ def test_teacher_topk_from_logits_and_hidden(k):
     student = torch.randint(0, V, (n, k), generator=gen)
     student[0, 0], student[1, -1] = -1, V + 5  # outside the vocabulary
     ref = teacher_topk_reference(logits.double(), k, student)
-    for got in (teacher_topk(k, student, logits=logits, impl="triton"),
-                teacher_topk(k, student, hidden=hidden, weight=weight, chunk=64, impl="triton")):
+    student_d, logits_d, hidden_d, weight_d = on_dev(student, logits, hidden, weight)
+    for got in (teacher_topk(k, student_d, logits=logits_d, impl="triton"),
+                teacher_topk(k, student_d, hidden=hidden_d, weight=weight_d, chunk=64, impl="triton")):
+        got = on_cpu(got)
         assert torch.equal(got.ids, ref.ids)
         assert rel(got.logprobs, ref.logprobs) < 1e-5
         finite = torch.isfinite(ref.logprobs_at_student)
@@ -169,9 +185,11 @@ def test_teacher_topk_with_blocked_leading_block_and_chunk():
     student = torch.randint(1100, v, (n, 4), generator=gen)
     ref = teacher_topk_reference((hidden @ weight.t()).double().masked_fill(blocked, float("-inf")),
                                  4, student)
+    student, hidden, weight, blocked = on_dev(student, hidden, weight, blocked)
     for got in (teacher_topk(4, student, logits=hidden @ weight.t(), blocked=blocked, impl="triton"),
                 teacher_topk(4, student, hidden=hidden, weight=weight, blocked=blocked, chunk=512,
                              impl="triton")):
+        got = on_cpu(got)
         assert torch.isfinite(got.logprobs).all() and torch.isfinite(got.logprobs_at_student).all()
         assert torch.equal(got.ids, ref.ids)
         assert rel(got.logprobs_at_student, ref.logprobs_at_student) < 1e-5

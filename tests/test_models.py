@@ -88,3 +88,24 @@ def test_a_bf16_model_has_one_dtype(single_rank, name):
     optimizers' checkpoints and torch's fused RMSNorm."""
     model = AudioLM(preset(name), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_transformer_impl_and_fp8_settings(single_rank):
+    from ark_mega.models.specs import use_transformer_engine
+
+    assert use_transformer_engine("local", None) is False
+    model = AudioLM(preset("tiny_ark_asr"), transformer_impl="local")
+    assert model.transformer_impl == "local"
+    with pytest.raises(ValueError, match="transformer_impl='te'"):
+        use_transformer_engine("te", None)
+    with pytest.raises(ValueError, match="fp8='fp4'"):
+        use_transformer_engine("local", "fp4")
+    with pytest.raises(ValueError, match="fp8=hybrid: FP8 needs transformer_impl=transformer_engine"):
+        use_transformer_engine("local", "hybrid")
+    if not torch.cuda.is_available():  # no TE without CUDA: each TE request names why
+        with pytest.raises(ValueError, match="transformer_impl=transformer_engine: CUDA is not"
+                                             "|Transformer Engine is not installed"):
+            use_transformer_engine("transformer_engine", None)
+        with pytest.raises(ValueError, match="fp8=e4m3: FP8 needs Transformer Engine layers"):
+            use_transformer_engine("auto", "e4m3")
+        assert use_transformer_engine("auto", None) is False

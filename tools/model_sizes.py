@@ -23,7 +23,7 @@ def our_count(cfg) -> int:
     from ark_mega.models.attention import QKVLinearWithoutKeyBias
 
     with torch.device("meta"):
-        model = AudioLM(cfg, use_te=False)
+        model = AudioLM(cfg, transformer_impl="local")
     held_at_zero = sum(m.key_bias_entries for m in model.modules()
                        if isinstance(m, QKVLinearWithoutKeyBias))
     return sum(p.numel() for p in model.parameters()) - held_at_zero

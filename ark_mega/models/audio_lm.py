@@ -17,27 +17,27 @@ from megatron.core.transformer.module import MegatronModule
 from .audio_encoders import AuTEncoder, WhisperEncoder, packed_seq_params
 from .config import AudioLMConfig
 from .megatron_config import decoder_config, encoder_config
-from .specs import decoder_layer_spec, te_available
+from .specs import decoder_layer_spec, use_transformer_engine
 
 
 class AudioLM(MegatronModule):
     def __init__(self, cfg: AudioLMConfig, dtype: torch.dtype = torch.float32,
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 use_te: bool | None = None):
+                 transformer_impl: str = "auto", fp8: str | None = None):
         dec = cfg.decoder
-        config = decoder_config(dec, dtype)
+        use_te = use_transformer_engine(transformer_impl, fp8)
+        config = decoder_config(dec, dtype, fp8)
         super().__init__(config=config)
         if pre_process is None:
             pre_process = parallel_state.is_pipeline_first_stage()
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage()
-        if use_te is None:
-            use_te = te_available()
         self.cfg = cfg
+        self.transformer_impl = "transformer_engine" if use_te else "local"  # what was built
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
-            enc_config = encoder_config(cfg.encoder, dtype)
+            enc_config = encoder_config(cfg.encoder, dtype, fp8)
             if cfg.family == "ark_asr":
                 self.encoder = WhisperEncoder(cfg.encoder, enc_config, dec.hidden_size, use_te)
             else:
@@ -107,6 +107,8 @@ class AudioLM(MegatronModule):
                                   packed_seq_params=packed, inference_context=inference_context)
         if not self.post_process or return_hidden:
             return hidden
+        if inference_context is not None and inference_context.materialize_only_last_token_logits:
+            hidden = hidden[-1:]  # generation reads the last position only: no [s, b, V] prefill
         return self.logits(hidden)
 
     def output_weight(self) -> torch.Tensor:

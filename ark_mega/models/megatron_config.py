@@ -10,9 +10,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .config import AuTEncoderConfig, DecoderConfig, WhisperEncoderConfig
 
 
-def _common(dtype: torch.dtype) -> dict:
+def _common(dtype: torch.dtype, fp8: str | None) -> dict:
     on_gpu = torch.cuda.is_available()
     return dict(
+        fp8=fp8,  # None, or the FP8 format of TE's layers (delayed scaling, megatron's default)
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -32,7 +33,8 @@ def _common(dtype: torch.dtype) -> dict:
     )
 
 
-def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32,
+                   fp8: str | None = None) -> TransformerConfig:
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -48,12 +50,12 @@ def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> Tr
         activation_func=F.silu,
         qk_layernorm=cfg.qk_norm,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        **_common(dtype),
+        **_common(dtype, fp8),
     )
 
 
 def encoder_config(cfg: WhisperEncoderConfig | AuTEncoderConfig,
-                   dtype: torch.dtype = torch.float32) -> TransformerConfig:
+                   dtype: torch.dtype = torch.float32, fp8: str | None = None) -> TransformerConfig:
     """Encoders live whole on the first pipeline stage: pipeline size 1 for their blocks."""
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -67,5 +69,5 @@ def encoder_config(cfg: WhisperEncoderConfig | AuTEncoderConfig,
         gated_linear_unit=False,
         activation_func=F.gelu,
         pipeline_model_parallel_size=1,
-        **_common(dtype),
+        **_common(dtype, fp8),
     )

@@ -1,7 +1,8 @@
 """Layer recipes (megatron ModuleSpecs) for the decoders and the audio encoders.
 
-Transformer Engine layers when TE is importable and CUDA is present (FP8-capable on H100);
-otherwise megatron-core's local layers with `SDPACoreAttention`. Both recipes name their
+`transformer_impl` picks them, as Megatron-LM's `--transformer-impl` does: Transformer Engine
+layers (FP8-capable on H100), megatron-core's local layers with `SDPACoreAttention`, or `auto`:
+TE when it imports and CUDA is present, local otherwise. Both recipes name their
 parameters the megatron way, so one weight map (ark_mega.convert) serves both, up to TE's fused
 layer norms (see `te_key`).
 """
@@ -24,8 +25,32 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from .attention import QKVLinearWithoutKeyBias, SDPACoreAttention
 
 
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+FP8_FORMATS = (None, "hybrid", "e4m3")  # megatron's TransformerConfig.fp8
+
+
 def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def use_transformer_engine(transformer_impl: str, fp8: str | None) -> bool:
+    """Whether the layers are TE's; a choice that cannot run here is an error naming it."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl={transformer_impl!r}: expected one of {TRANSFORMER_IMPLS}")
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"fp8={fp8!r}: expected one of {FP8_FORMATS}")
+    why_not = ("Transformer Engine is not installed" if importlib.util.find_spec("transformer_engine") is None
+               else "CUDA is not available")
+    if transformer_impl == "transformer_engine" and not te_available():
+        raise ValueError(f"transformer_impl=transformer_engine: {why_not}")
+    use_te = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_available())
+    if fp8 and not use_te:
+        raise ValueError(f"fp8={fp8}: FP8 needs Transformer Engine layers, and here "
+                         f"transformer_impl={transformer_impl} gives local layers ({why_not})"
+                         if transformer_impl == "auto" else
+                         f"fp8={fp8}: FP8 needs transformer_impl=transformer_engine (or auto with "
+                         f"Transformer Engine installed), not {transformer_impl}")
+    return use_te
 
 
 def _local_layer(attn_mask_type: AttnMaskType, qk_norm: bool, qkv_linear=ColumnParallelLinear):

@@ -109,7 +109,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
 
     tokens = [[] for _ in range(b)]
     topk = [[] for _ in range(b)] if last else None
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done_host = [False] * b
     step_ids, step_audio, mask = ids, audio_features, prefill_mask
     steps = 0
     for steps in range(1, cfg.max_new_tokens + 1):
@@ -118,17 +118,20 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
         nxt = torch.empty(b, dtype=torch.long, device=device)
         if last:
             nxt, top = _pick(logits[-1], blocked, cfg, gen)
-            for i in range(b):
-                if not done[i]:
-                    topk[i].append(top[i])
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=pp_last_rank, group=ps.get_pipeline_model_parallel_group())
+        picked = nxt.tolist()  # the step's one device-to-host copy
         for i in range(b):
-            if not done[i] and nxt[i] != stop_id:
-                tokens[i].append(int(nxt[i]))
-        done |= nxt == stop_id
-        if bool(done.all()):
+            if not done_host[i]:
+                if last:
+                    topk[i].append(top[i])
+                if picked[i] == stop_id:
+                    done_host[i] = True
+                else:
+                    tokens[i].append(picked[i])
+        if all(done_host):
             break
+        done = torch.tensor(done_host, device=device)
         pos = context.sequence_len_offset
         step_ids = torch.where(done, torch.full_like(nxt, pad_id), nxt)[:, None]
         step_audio = None
@@ -136,4 +139,4 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     model.train(was_training)
     stacked = [torch.stack(t) if t else torch.empty(0, cfg.top_k, dtype=torch.long)
                for t in topk] if last else None
-    return Rollout(tokens, done.tolist(), stacked, steps)
+    return Rollout(tokens, done_host, stacked, steps)

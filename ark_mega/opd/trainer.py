@@ -63,7 +63,11 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype) -> tuple[AudioLM, PromptB
         raise ValueError(f"the tokenizer has {size} tokens, more than the model's vocabulary "
                          f"({cfg.decoder.vocab_size}); set decoder.vocab_size")
     cfg = AudioLMConfig.from_dict(cfg.to_dict())  # re-validated
-    return AudioLM(cfg, dtype=dtype).to(device()), prompts
+    try:
+        model = AudioLM(cfg, dtype=dtype, transformer_impl=mcfg.transformer_impl, fp8=mcfg.fp8)
+    except ValueError as e:
+        raise ValueError(f"model {mcfg.preset}: {e}") from None
+    return model.to(device()), prompts
 
 
 class MetricsLog:
@@ -144,6 +148,10 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         self.is_writer = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                           and ps.get_data_parallel_rank() == 0)
+        if self.is_writer:
+            built = [f"{role} {m.transformer_impl} layers" for role, m in
+                     (("student", self.student), ("teacher", self.teacher)) if m is not None]
+            print(f"[{cfg.name}] {', '.join(built)}, {self.dtype}, on {self.dev}", flush=True)
         self._build_optimizer()
 
     def _on_usr1(self, signum, frame):
