@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from device_speed import copy_gbps, peak_mib, timed
+
 
 def make_inputs(n, v, h, k, dtype, device, seed=0):
     from ark_mega.kernels import union_support
@@ -55,30 +57,6 @@ def fused_step(hidden, weight, support, tau, impl):
     loss = union_kl(s, support.teacher_scores, support.valid, tau, impl=impl)
     loss.backward()
     return loss
-
-
-def timed(fn, device, reps):
-    if device.type != "cuda":
-        import time
-
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e3
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def peak_mib(fn, device):
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main() -> int:
@@ -143,11 +121,8 @@ def main() -> int:
                       device, reps)
         n_el = s.numel()
         kl_bytes = n_el * (4 + 4 + 1 + 4) + s.shape[0] * 4  # read s, t, valid; write grad, kl
-        src = torch.empty(2**28, dtype=torch.float32, device=device).normal_()
-        dst = torch.empty_like(src)
-        copy_ms = timed(lambda: dst.copy_(src), device, reps)
         result["union_kl_gbps"] = kl_bytes / kl_ms / 1e6
-        result["copy_gbps"] = 2 * src.numel() * 4 / copy_ms / 1e6
+        result["copy_gbps"] = copy_gbps(device)
         result["union_kl_fraction_of_copy"] = result["union_kl_gbps"] / result["copy_gbps"]
 
     for key, val in result.items():

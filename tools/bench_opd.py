@@ -33,26 +33,18 @@ def sync():
 
 def build(args):
     from ark_mega.config import OPDSettings
-    from ark_mega.data import PromptBuilder, train_bpe_tokenizer
-    from ark_mega.models import AudioLM, preset
     from ark_mega.opd.generate import GenerationConfig
     from ark_mega.opd.steps import OPDStep
     from ark_mega.opd.token_map import TokenMap
     from ark_mega.opd.transcribe import blocked_ids
+    from random_models import random_model, toy_tokenizer
 
-    tok = train_bpe_tokenizer(["the quick brown fox jumps over the lazy dog", "你好世界"] * 4, 300)
-    sp, tp = PromptBuilder.student(tok), PromptBuilder.teacher(tok)
-    s_cfg, t_cfg = preset(args.student), preset(args.teacher)
-    for cfg, prompts in ((s_cfg, sp), (t_cfg, tp)):
-        cfg.audio_token_id = prompts.audio_id
-        if args.smoke:
-            cfg.decoder.vocab_size = 384
-            cfg.encoder.num_mel_bins = 128
+    tok = toy_tokenizer()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    student = AudioLM(s_cfg, dtype=dtype).to(dev)
-    teacher = AudioLM(t_cfg, dtype=dtype).to(dev).eval()
+    student, sp = random_model(args.student, tok, dtype, dev, tiny=args.smoke, seed=0)
+    teacher, tp = random_model(args.teacher, tok, dtype, dev, tiny=args.smoke, seed=1)
+    teacher.eval()
     with torch.no_grad():  # larger random weights: rollouts that vary from token to token
         for p in list(student.parameters()) + list(teacher.parameters()):
             p.mul_(args.weight_scale)
@@ -60,9 +52,9 @@ def build(args):
         p.requires_grad_(False)
     settings = OPDSettings(top_k=args.k, generation=GenerationConfig(
         max_new_tokens=args.max_new_tokens, top_k=args.k))
-    blocked = blocked_ids(sp, s_cfg.decoder.vocab_size).to(dev)
-    step = OPDStep(student, teacher, sp, tp, TokenMap(tok, tok, s_cfg.decoder.vocab_size,
-                                                      t_cfg.decoder.vocab_size), settings, blocked)
+    s_vocab, t_vocab = student.cfg.decoder.vocab_size, teacher.cfg.decoder.vocab_size
+    blocked = blocked_ids(sp, s_vocab).to(dev)
+    step = OPDStep(student, teacher, sp, tp, TokenMap(tok, tok, s_vocab, t_vocab), settings, blocked)
     return step, sp, tp, student, teacher, blocked, dev, dtype
 
 
@@ -78,7 +70,8 @@ def hf_copies(student, teacher, dtype, dev):
                                      (teacher, Qwen3ASRForConditionalGeneration, qwen3_asr_config,
                                       "qwen3_asr")):
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-        hf = cls(make(model.cfg)).to(dtype)
+        with torch.device(dev):  # initialised where it runs: a 1.7B init on CPU takes long
+            hf = cls(make(model.cfg)).to(dtype)
         hf.load_state_dict(megatron_to_hf({(0, 0): state}, layout, model.cfg), strict=True)
         out.append(hf.to(dev).eval())
     out[1].requires_grad_(False)
@@ -147,7 +140,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--weight-scale", type=float, default=1.0)
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
-    ap.add_argument("--out")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="ours only (the baseline needs transformers' GlmAsr and Qwen3ASR models)")
+    ap.add_argument("--out", help="write the results as JSON here (ours first, then completed)")
     args = ap.parse_args()
     if args.smoke:
         args.student, args.teacher, args.utterances, args.seconds = "tiny_ark_asr", "tiny_qwen3_asr", 3, 2.0
@@ -175,6 +170,19 @@ def main() -> int:
     ours = step(batch)
     sync()
     ours_total = time.perf_counter() - t0
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
+        "setup": {"student": args.student, "teacher": args.teacher, "utterances": args.utterances,
+                  "seconds": args.seconds, "k": args.k, "max_new_tokens": args.max_new_tokens,
+                  "dtype": str(dtype)},
+        "ours_s": ours_total, "ours_rollout_s": ours["time_rollout"],
+        "ours_teacher_s": ours["time_teacher"], "ours_student_s": ours["time_student"],
+        "ours_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+    }
+    report(result, result, args.out)  # written before the baseline runs, which may fail
+    if args.no_baseline:
+        return 0
 
     # ---- baseline: one full step the authors' way
     hf_student, hf_teacher = hf_copies(student, teacher, dtype, dev)
@@ -217,25 +225,24 @@ def main() -> int:
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     agree = abs(shared_ours - shared_base) <= tolerance * max(1.0, abs(shared_base))
 
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
-        "setup": {"student": args.student, "teacher": args.teacher, "utterances": args.utterances,
-                  "seconds": args.seconds, "k": args.k, "max_new_tokens": args.max_new_tokens,
-                  "dtype": str(dtype)},
-        "ours_s": ours_total, "ours_rollout_s": ours["time_rollout"],
-        "ours_teacher_s": ours["time_teacher"], "ours_student_s": ours["time_student"],
+    base = {
         "baseline_s": base_total, "baseline_rollout_s": t1 - t0,
         "speedup": base_total / ours_total,
         "shared_rollout_loss_ours": shared_ours, "shared_rollout_loss_baseline": shared_base,
         "losses_agree": agree,
     }
-    for key, val in result.items():
-        print(f"{key:>32}: {val}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    result.update(base)
+    report(base, result, args.out)
     return 0 if agree else 1
+
+
+def report(new: dict, result: dict, out: str | None) -> None:
+    """Print the new figures; write all of them so far."""
+    for key, val in new.items():
+        print(f"{key:>32}: {val}", flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Prints the layer backend, parameter count, loss, step time and peak memory.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -26,7 +27,6 @@ def main() -> int:
     from ark_mega.distributed import ParallelConfig, destroy_parallel, device, init_parallel
     from ark_mega.models import AudioLM, preset
     from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
-    from ark_mega.models.specs import te_available
     from ark_mega.pipeline import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--out", help="write the results as JSON here (first rank of the last stage)")
     args = ap.parse_args()
 
     init_parallel(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
@@ -53,7 +54,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     ids, feats = [], []
     for _ in range(args.batch):
-        text = torch.randint(0, 150000, (args.text_tokens,), generator=gen)
+        text = torch.randint(0, min(150000, cfg.decoder.vocab_size), (args.text_tokens,),
+                             generator=gen)
+        text[text == cfg.audio_token_id] = 0  # only the audio placeholders carry that id
         ids.append(torch.cat([torch.full((count,), cfg.audio_token_id), text]))
         feats.append(torch.randn(cfg.encoder.num_mel_bins, frames, generator=gen).to(dev, dtype))
     lengths = [len(x) for x in ids]
@@ -76,11 +79,16 @@ def main() -> int:
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        loss = reports[0]["loss"].item()
-        print(f"preset={args.preset} device={dev} dtype={dtype} te={te_available()} "
-              f"tp={args.tp} pp={args.pp} params_this_rank={n_params:,} build_s={built:.1f} "
-              f"tokens={sum(lengths)} loss={loss:.4f} grads_finite={grads_finite} "
-              f"fwd_bwd_s={step:.2f} peak_gib={peak:.2f}")
+        result = {"preset": args.preset, "device": str(dev), "dtype": str(dtype),
+                  "layers": model.transformer_impl, "tp": args.tp, "pp": args.pp,
+                  "params_this_rank": n_params, "build_s": built, "tokens": sum(lengths),
+                  "loss": reports[0]["loss"].item(), "grads_finite": grads_finite,
+                  "fwd_bwd_s": step, "peak_gib": peak}
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in result.items()))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
     destroy_parallel()
     return 0 if grads_finite else 1
 

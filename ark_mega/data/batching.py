@@ -160,9 +160,13 @@ class Collator:
         feats = self.features(waves)
         prompts = [self.prompts.build(f.shape[-1], cut_text(c), c.supervisions[0].language)
                    for c, f in zip(cuts, feats)]
+        return self.batch(prompts, feats, [c.id for c in cuts], [cut_text(c) for c in cuts])
+
+    def batch(self, prompts: list[Prompt], feats: list[torch.Tensor], cut_ids: list[str],
+              texts: list[str]) -> Batch:
+        """The Batch of built prompts and their features (packed or padded)."""
         decoder = self._packed(prompts) if self.packed else self._padded(prompts)
-        return Batch(*decoder, audio_features=feats, cut_ids=[c.id for c in cuts],
-                     texts=[cut_text(c) for c in cuts],
+        return Batch(*decoder, audio_features=feats, cut_ids=cut_ids, texts=texts,
                      num_tokens=sum(len(p.input_ids) for p in prompts))
 
     @staticmethod

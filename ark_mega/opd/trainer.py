@@ -29,7 +29,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from .. import checkpoint
-from ..config import ModelConfig, RunConfig, to_dict
+from ..config import ModelConfig, OptimConfig, RunConfig, to_dict
 from ..data import Collator, CutBatches, LoadPolicy, PromptBuilder, TokenBudgetSampler, TokenCounter
 from ..data import load_manifest, load_tokenizer
 from ..distributed import device, init_parallel
@@ -68,6 +68,27 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype) -> tuple[AudioLM, PromptB
     except ValueError as e:
         raise ValueError(f"model {mcfg.preset}: {e}") from None
     return model.to(device()), prompts
+
+
+def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: int):
+    """megatron DDP around `model`, megatron's Adam (distributed over data-parallel ranks with
+    CUDA unless `o.distributed` says otherwise) and its LR schedule over `steps`."""
+    distributed = torch.cuda.is_available() if o.distributed is None else o.distributed
+    ddp = DistributedDataParallel(
+        config=model.config, module=model,
+        ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed,
+                                                 grad_reduce_in_fp32=True))
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=distributed), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, o.warmup_steps + 1),
+        lr_decay_style=o.schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+    return ddp, optimizer, scheduler
 
 
 class MetricsLog:
@@ -152,30 +173,13 @@ class Trainer:
             built = [f"{role} {m.transformer_impl} layers" for role, m in
                      (("student", self.student), ("teacher", self.teacher)) if m is not None]
             print(f"[{cfg.name}] {', '.join(built)}, {self.dtype}, on {self.dev}", flush=True)
-        self._build_optimizer()
+        self.ddp, self.optimizer, self.scheduler = build_optimizer(
+            self.student, cfg.optim, self.dtype, cfg.steps)
 
     def _on_usr1(self, signum, frame):
         self.preempted = True
 
     # ------------------------------------------------------------------ setup
-
-    def _build_optimizer(self):
-        cfg, o = self.cfg, self.cfg.optim
-        distributed = torch.cuda.is_available() if o.distributed is None else o.distributed
-        ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=distributed,
-                                                grad_reduce_in_fp32=True)
-        self.ddp = DistributedDataParallel(config=self.student.config, ddp_config=ddp_cfg,
-                                           module=self.student)
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
-            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-            use_distributed_optimizer=distributed), [self.ddp])
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, o.warmup_steps + 1),
-            lr_decay_style=o.schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(cfg.steps, 1), wd_incr_style="constant")
 
     def _train_cuts(self) -> CutSet:
         cfg = self.cfg

@@ -1,0 +1,53 @@
+"""tools/gpu_check.py, the one command that checks a GPU node, run as --smoke: the same harness
+and parts on tiny shapes on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+from opd_setup import ROOT
+
+SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
+
+
+def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    parts = report["parts"]
+    assert list(parts) == ["kernels", "bench_kernels", "trainer", "bench_opd", "real_ark",
+                           "real_qwen3", "decode", "sft"]
+    assert all(p["status"] == "ok" for p in parts.values()), parts
+    assert parts["kernels"]["figures"]["tests"] > 0 and parts["kernels"]["figures"]["failures"] == 0
+    assert parts["trainer"]["figures"]["passed"] is True
+    assert parts["bench_opd"]["figures"]["losses_agree"] is True
+    assert parts["decode"]["figures"]["decode_tokens_per_s"] > 0
+    assert parts["sft"]["figures"]["model_tflop_per_step"] > 0
+    assert {"torch", "triton", "megatron-core", "transformer-engine"} <= set(report["versions"])
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert all(f"| {name} | ok |" in table for name in parts)
+
+
+def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    broken = next(p for p in gpu_check.PARTS if p.name == "trainer")
+    monkeypatch.setattr(broken, "command", lambda out, smoke: [
+        sys.executable, "-c", "import sys; print('a line before'); sys.exit('trainer broke')"])
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--smoke", "--out", str(tmp_path),
+                                      "--only", "trainer,real_ark"])
+    assert gpu_check.main() == 1
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert parts["trainer"]["status"] == "failed (exit 1)"
+    assert "trainer broke" in parts["trainer"]["error"]
+    assert parts["real_ark"]["status"] == "ok"
+    assert "| trainer | failed (exit 1) |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_unknown_parts_are_named():
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", "/nonexistent",
+                           "--only", "kernels,warp"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown part(s) ['warp']" in proc.stderr

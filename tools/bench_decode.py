@@ -1,0 +1,104 @@
+"""Benchmark: student rollout decoding against the weight-streaming floor, in one run.
+
+    python tools/bench_decode.py              # 1 GPU: ark_asr_0p6b, random weights, bf16,
+                                              # 64 utterances of 30 s, 64 new tokens each
+    python tools/bench_decode.py --smoke      # tiny model on the CPU: checks the script runs
+
+Each decoding step reads every decoder weight once (the output layer included), so no step is
+shorter than decoder weight bytes / memory bandwidth: with the bandwidth of a device-to-device
+copy measured in the same run, the floor is batch / that time, in tokens per second. The stop
+token is blocked so that every row decodes all its tokens. Reported: prefill time (encoder,
+prompt, first token), decode tokens/s over the remaining steps, and their fraction of the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import warnings
+
+import torch
+
+from device_speed import copy_gbps, sync
+from random_models import random_model, toy_tokenizer
+
+
+def decoder_weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if not n.startswith("encoder."))
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="ark_asr_0p6b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.batch, args.seconds, args.new_tokens = "tiny_ark_asr", 4, 2.0, 6
+    elif not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU; --smoke checks the script on the CPU")
+        return 2
+
+    from ark_mega.distributed import ParallelConfig, init_parallel
+    from ark_mega.opd.generate import GenerationConfig, generate
+    from ark_mega.opd.transcribe import blocked_ids
+
+    init_parallel(ParallelConfig())
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model, prompts = random_model(args.preset, toy_tokenizer(), dtype, dev, tiny=args.smoke)
+    model.eval()
+    frames = int(args.seconds * 100)
+    gen = torch.Generator().manual_seed(0)
+    mel = model.cfg.encoder.num_mel_bins
+    feats = [torch.randn(mel, frames, generator=gen).to(dev, dtype) for _ in range(args.batch)]
+    ids = [prompts.build(frames).input_ids for _ in range(args.batch)]
+    blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size).to(dev)
+    blocked[prompts.stop_id] = True
+
+    def run(new_tokens: int) -> float:
+        sync(dev)
+        t0 = time.perf_counter()
+        out = generate(model, ids, feats, prompts.stop_id,
+                       GenerationConfig(max_new_tokens=new_tokens, top_k=8), blocked)
+        sync(dev)
+        assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up: kernels compiled, allocator primed
+    prefill_s = run(1)
+    total_s = run(args.new_tokens)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    tokens_per_s = args.batch * (args.new_tokens - 1) / decode_s
+    bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
+    weights = decoder_weight_bytes(model)
+    floor = args.batch * bandwidth / weights
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
+        "setup": {"preset": args.preset, "batch": args.batch, "seconds": args.seconds,
+                  "new_tokens": args.new_tokens, "dtype": str(dtype),
+                  "layers": model.transformer_impl},
+        "prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": tokens_per_s,
+        "decode_ms_per_step": 1e3 * decode_s / (args.new_tokens - 1),
+        "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
+        "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
+    }
+    for key, val in result.items():
+        print(f"{key:>24}: {val}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

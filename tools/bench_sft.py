@@ -1,0 +1,129 @@
+"""Benchmark: SFT throughput of the student on packed batches, tokens/s and MFU, in one run.
+
+    python tools/bench_sft.py              # 1 GPU: ark_asr_0p6b, random weights, bf16,
+                                           # 24 utterances of 30 s with 48-token transcripts
+    python tools/bench_sft.py --smoke      # tiny model on the CPU: checks the script runs
+
+One step is the trainer's: megatron DDP, the packed forward + backward of `sft_step`, megatron's
+optimizer (distributed with CUDA). MFU = model FLOPs of the step (`train_flops`, written out
+below) / step time / the bf16 throughput of a large matrix product measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import warnings
+
+import torch
+
+from device_speed import matmul_tflops, sync, timed
+from random_models import random_model, toy_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog " * 8
+
+
+def train_flops(cfg, utterances: list[tuple[int, int]]) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward; no recomputation)
+    of an Ark-ASR model on utterances given as (mel frames, decoder tokens). Matrix products
+    only (2 FLOPs per multiply-add), attention scores and values included, causal attention
+    counted at half."""
+    enc, dec = cfg.encoder, cfg.decoder
+    if cfg.family != "ark_asr":
+        raise ValueError(f"train_flops covers the Ark-ASR (Whisper encoder) family, not {cfg.family}")
+    he, hd, h = enc.hidden_size, dec.kv_channels, dec.hidden_size
+    # decoder, per token: QKV, output projection, SwiGLU MLP (3 matrices); the output layer
+    per_token = dec.num_layers * 2 * (h * (dec.num_heads + 2 * dec.num_kv_heads) * hd
+                                      + dec.num_heads * hd * h + 3 * h * dec.ffn_hidden_size)
+    per_token += 2 * h * dec.vocab_size
+    forward = 0.0
+    for frames, tokens in utterances:
+        positions = (frames + 1) // 2  # after the stride-2 convolution
+        audio_tokens = positions // enc.merge_factor
+        forward += tokens * per_token
+        forward += dec.num_layers * 2 * 2 * dec.num_heads * hd * tokens * (tokens + 1) / 2
+        # encoder: conv1 (k=3) at every frame, conv2 (k=3, stride 2); layers: QKV + proj (4 he^2)
+        # and the MLP (2 he ffn) per position, bidirectional attention over the utterance
+        forward += 2 * 3 * enc.num_mel_bins * he * frames + 2 * 3 * he * he * positions
+        forward += enc.num_layers * (2 * (4 * he * he + 2 * he * enc.ffn_hidden_size) * positions
+                                     + 2 * 2 * he * positions * positions)
+        # adapter: merge_factor frames -> Linear(merge * he, 2h) -> Linear(2h, h)
+        forward += 2 * (enc.merge_factor * he * 2 * h + 2 * h * h) * audio_tokens
+    return 3 * forward
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="ark_asr_0p6b")
+    ap.add_argument("--utterances", type=int, default=24)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--text-tokens", type=int, default=48)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.utterances, args.seconds, args.text_tokens = "tiny_ark_asr", 3, 2.0, 8
+    elif not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU; --smoke checks the script on the CPU")
+        return 2
+
+    from ark_mega.config import OptimConfig
+    from ark_mega.data import Collator
+    from ark_mega.distributed import ParallelConfig, init_parallel
+    from ark_mega.opd.steps import sft_step
+    from ark_mega.opd.trainer import build_optimizer
+
+    init_parallel(ParallelConfig())
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tok = toy_tokenizer()
+    model, prompts = random_model(args.preset, tok, dtype, dev, tiny=args.smoke)
+    ddp, optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-5), dtype, steps=100)
+
+    frames = int(args.seconds * 100)
+    text = tok.decode(prompts.encode(TEXT)[: args.text_tokens])
+    built = [prompts.build(frames, text, "en") for _ in range(args.utterances)]
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(model.cfg.encoder.num_mel_bins, frames, generator=gen)
+             for _ in built]
+    batch = Collator(prompts).batch(built, feats, [str(i) for i in range(len(built))],
+                                    [text] * len(built))
+
+    def step():
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        sft_step(ddp, batch)
+        optimizer.step()
+
+    step()  # warm-up
+    sync(dev)
+    ms = timed(step, dev, reps=2)
+    flops = train_flops(model.cfg, [(frames, len(p.input_ids)) for p in built])
+    peak = matmul_tflops(dev) if dev.type == "cuda" else float("nan")
+    achieved = flops / ms / 1e9
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
+        "setup": {"preset": args.preset, "utterances": args.utterances, "seconds": args.seconds,
+                  "decoder_tokens": batch.num_tokens, "dtype": str(dtype),
+                  "layers": model.transformer_impl,
+                  "optimizer": type(optimizer.chained_optimizers[0]).__name__},
+        "step_ms": ms, "tokens_per_s": batch.num_tokens / ms * 1e3,
+        "audio_seconds_per_s": args.utterances * args.seconds / ms * 1e3,
+        "model_tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+        "matmul_peak_tflops": peak, "mfu": achieved / peak,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+    }
+    for key, val in result.items():
+        print(f"{key:>22}: {val}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

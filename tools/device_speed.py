@@ -1,0 +1,58 @@
+"""Timing and the device's own speed limits, for the benchmark scripts in tools/.
+
+Every ratio a benchmark reports is against figures measured in the same run on the same device:
+the bandwidth of a device-to-device copy and the throughput of a large bf16 matrix product.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, reps: int = 2) -> float:
+    """Median milliseconds of fn(): CUDA events via triton's do_bench on a GPU, a plain wall
+    clock over `reps` calls on the CPU (where the figure is no performance claim)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def peak_mib(fn, device: torch.device) -> float:
+    """Peak memory fn() allocates above what is allocated before it (NaN on the CPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_gbps(device: torch.device, mib: int = 1024) -> float:
+    """Device memory bandwidth of a copy, bytes read + written per second (GB/s)."""
+    src = torch.empty(mib * 2**18, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Throughput of an n x n x n matrix product on random data (TFLOP/s): the device's
+    practical peak for the dtype, the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = timed(lambda: a @ b, device)
+    return 2 * n ** 3 / ms / 1e9
