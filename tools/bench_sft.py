@@ -1,7 +1,7 @@
 """Benchmark: SFT throughput of the student on packed batches, tokens/s and MFU, in one run.
 
     python tools/bench_sft.py              # 1 GPU: ark_asr_0p6b, random weights, bf16,
-                                           # 24 utterances of 30 s with 48-token transcripts
+                                           # 16 utterances of 30 s with 48-token transcripts
     python tools/bench_sft.py --smoke      # tiny model on the CPU: checks the script runs
 
 One step is the trainer's: megatron DDP, the packed forward + backward of `sft_step`, megatron's
@@ -58,7 +58,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="ark_asr_0p6b")
-    ap.add_argument("--utterances", type=int, default=24)
+    ap.add_argument("--utterances", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--text-tokens", type=int, default=48)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
