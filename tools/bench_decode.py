@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from device_speed import copy_gbps, sync
+from device_speed import copy_gbps, sync, write_profile
 from random_models import random_model, toy_tokenizer
 
 
@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if args.smoke:
@@ -94,6 +95,8 @@ def main() -> int:
     }
     for key, val in result.items():
         print(f"{key:>24}: {val}")
+    if args.profile:  # 16 tokens: the prefill and 15 decoding steps
+        write_profile(args.profile, lambda: run(min(16, args.new_tokens)), dev)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

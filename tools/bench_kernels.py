@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from device_speed import copy_gbps, peak_mib, timed
+from device_speed import copy_gbps, peak_mib, timed, write_profile
 
 
 def make_inputs(n, v, h, k, dtype, device, seed=0):
@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--tau", type=float, default=1.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -127,6 +128,8 @@ def main() -> int:
 
     for key, val in result.items():
         print(f"{key:>28}: {val}")
+    if args.profile:  # the fused loss head, forward and backward
+        write_profile(args.profile, fused, device)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

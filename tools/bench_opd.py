@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from device_speed import write_profile
+
 
 def sync():
     if torch.cuda.is_available():
@@ -129,6 +131,37 @@ def baseline_loss(hf_student, hf_teacher, sp, tp, feats, answers, topk_student, 
     return torch.stack(losses).mean()
 
 
+def baseline_step(hf_student, hf_teacher, sp, tp, feats, blocked, args, dev, dtype):
+    """One OPD step the authors' way: transformers' generate on a padded batch, then the loss
+    from full-vocabulary logits, and backward. Returns (rollout seconds, total seconds)."""
+    frames = feats[0].shape[-1]
+    s_prompts = [sp.build(f.shape[-1]).input_ids for f in feats]
+    sync()
+    t0 = time.perf_counter()
+    ids, mask = padded(s_prompts, 0, dev, left=True)
+    fmask = torch.ones(len(feats), frames, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        out = hf_student.generate(
+            input_ids=ids, attention_mask=mask, input_features=torch.stack(feats).to(dtype),
+            input_features_mask=fmask, max_new_tokens=args.max_new_tokens, do_sample=False,
+            eos_token_id=sp.stop_id, pad_token_id=sp.stop_id,
+            suppress_tokens=blocked.nonzero().squeeze(-1).tolist(),
+            output_scores=True, return_dict_in_generate=True)
+    sync()
+    t1 = time.perf_counter()
+    answers, topk = [], []
+    for i in range(len(feats)):
+        toks = out.sequences[i, ids.shape[1]:].tolist()
+        n = toks.index(sp.stop_id) + 1 if sp.stop_id in toks else len(toks)
+        answers.append(toks[:n])
+        topk += [out.scores[j][i].topk(args.k).indices for j in range(n)]
+    loss = baseline_loss(hf_student, hf_teacher, sp, tp, feats, answers, torch.stack(topk),
+                         args.k, 1.0, dev)
+    loss.backward()
+    sync()
+    return t1 - t0, time.perf_counter() - t0
+
+
 def main() -> int:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,6 +175,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--no-baseline", action="store_true",
                     help="ours only (the baseline needs transformers' GlmAsr and Qwen3ASR models)")
+    ap.add_argument("--profile", help="write where the time of our step goes (torch.profiler) here")
     ap.add_argument("--out", help="write the results as JSON here (ours first, then completed)")
     args = ap.parse_args()
     if args.smoke:
@@ -163,7 +197,10 @@ def main() -> int:
     batch = Batch(None, None, None, None, feats, [str(i) for i in range(len(feats))],
                   [""] * len(feats), 0)
 
-    # ---- ark_mega: one full OPD step
+    # ---- ark_mega: one full OPD step (after one on a small batch: kernels compiled, cuBLAS
+    # and the allocator warmed up)
+    few = Batch(None, None, None, None, feats[:2], ["0", "1"], ["", ""], 0)
+    step(few)
     student.zero_grad()
     sync()
     t0 = time.perf_counter()
@@ -181,36 +218,17 @@ def main() -> int:
         "ours_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
     }
     report(result, result, args.out)  # written before the baseline runs, which may fail
+    if args.profile:  # our step on 4 utterances
+        write_profile(args.profile, lambda: step(Batch(None, None, None, None, feats[:4],
+                                                       list("0123"), [""] * 4, 0)), dev)
     if args.no_baseline:
         return 0
 
-    # ---- baseline: one full step the authors' way
+    # ---- baseline: one full step the authors' way (after one on a small batch, likewise)
     hf_student, hf_teacher = hf_copies(student, teacher, dtype, dev)
-    s_prompts = [sp.build(f.shape[-1]).input_ids for f in feats]
-    sync()
-    t0 = time.perf_counter()
-    ids, mask = padded(s_prompts, 0, dev, left=True)
-    fmask = torch.ones(len(feats), frames, dtype=torch.long, device=dev)
-    with torch.no_grad():
-        out = hf_student.generate(
-            input_ids=ids, attention_mask=mask, input_features=torch.stack(feats).to(dtype),
-            input_features_mask=fmask, max_new_tokens=args.max_new_tokens, do_sample=False,
-            eos_token_id=sp.stop_id, pad_token_id=sp.stop_id,
-            suppress_tokens=blocked.nonzero().squeeze(-1).tolist(),
-            output_scores=True, return_dict_in_generate=True)
-    sync()
-    t1 = time.perf_counter()
-    answers, topk = [], []
-    for i in range(len(feats)):
-        toks = out.sequences[i, ids.shape[1]:].tolist()
-        n = toks.index(sp.stop_id) + 1 if sp.stop_id in toks else len(toks)
-        answers.append(toks[:n])
-        topk += [out.scores[j][i].topk(args.k).indices for j in range(n)]
-    topk = torch.stack(topk)
-    loss = baseline_loss(hf_student, hf_teacher, sp, tp, feats, answers, topk, args.k, 1.0, dev)
-    loss.backward()
-    sync()
-    base_total = time.perf_counter() - t0
+    baseline_step(hf_student, hf_teacher, sp, tp, feats[:2], blocked, args, dev, dtype)
+    base_rollout, base_total = baseline_step(hf_student, hf_teacher, sp, tp, feats, blocked,
+                                             args, dev, dtype)
 
     # ---- one shared rollout (ours), scored both ways: the losses must agree
     work, _ = step.prepare(batch)
@@ -226,7 +244,7 @@ def main() -> int:
     agree = abs(shared_ours - shared_base) <= tolerance * max(1.0, abs(shared_base))
 
     base = {
-        "baseline_s": base_total, "baseline_rollout_s": t1 - t0,
+        "baseline_s": base_total, "baseline_rollout_s": base_rollout,
         "speedup": base_total / ours_total,
         "shared_rollout_loss_ours": shared_ours, "shared_rollout_loss_baseline": shared_base,
         "losses_agree": agree,

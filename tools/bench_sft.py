@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from device_speed import matmul_tflops, sync, timed
+from device_speed import matmul_tflops, sync, timed, write_profile
 from random_models import random_model, toy_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog " * 8
@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--text-tokens", type=int, default=48)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if args.smoke:
@@ -119,6 +120,8 @@ def main() -> int:
     }
     for key, val in result.items():
         print(f"{key:>22}: {val}")
+    if args.profile:
+        write_profile(args.profile, step, dev)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -56,3 +56,30 @@ def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> 
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = timed(lambda: a @ b, device)
     return 2 * n ** 3 / ms / 1e9
+
+
+def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
+    """Where the time of one fn() call goes (torch.profiler): the ops by device time and by
+    host time, and the call's wall time against the device's busy time (far below it: the
+    host, not the GPU, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    with open(path, "w") as f:
+        f.write(f"wall {wall_ms:.1f} ms (profiled), device busy {device_ms:.1f} ms, "
+                f"{sum(e.count for e in events if e.device_type.name == 'CUDA')} device ops\n\n")
+        if device.type == "cuda":
+            f.write("by device time\n")
+            f.write(events.table(sort_by="self_device_time_total", row_limit=rows) + "\n")
+        f.write("by host time\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n")

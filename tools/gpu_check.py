@@ -7,9 +7,11 @@
 Each part runs in its own subprocess under its own time limit (and the run's `--budget`), most
 important first; its figures, or the end of its error, go into DIR/gpu_check.json and
 DIR/gpu_check.md (a table for docs/benchmarks.md) after every part, so a run cut short keeps
-what it measured. Each part's output is in DIR/<part>.log.
+what it measured. Each part's output is in DIR/<part>.log; each benchmark also writes where
+the time of one call goes (torch.profiler) to DIR/<part>.profile.txt.
 
-  kernels        tests/test_kernels.py with the kernels compiled for the GPU (no interpreter)
+  kernels        tests/test_kernels.py with the kernels compiled for the GPU (no interpreter),
+                 and tests/test_attention.py (variable-length flash attention)
   bench_kernels  loss head naive vs fused; union-KL bandwidth against a copy (tools/bench_kernels.py)
   trainer        SFT, resume, TD and OPD steps on the device (tools/check_trainer.py)
   bench_opd      one OPD step, ours against the authors' way (tools/bench_opd.py)
@@ -50,7 +52,8 @@ class Part:
             select = ["-k", "union_kl_kernel or union_support"] if smoke else []
             return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select,
                     f"--junitxml={os.path.join(out, 'kernels.xml')}",
-                    os.path.join(ROOT, "tests", "test_kernels.py")]
+                    os.path.join(ROOT, "tests", "test_kernels.py"),
+                    os.path.join(ROOT, "tests", "test_attention.py")]
         if self.name == "trainer":
             return [py, os.path.join(TOOLS, "check_trainer.py"), "--out", os.path.join(out, "trainer")]
         if self.name.startswith("real_"):
@@ -63,7 +66,8 @@ class Part:
         script = {"bench_kernels": "bench_kernels.py", "bench_opd": "bench_opd.py",
                   "decode": "bench_decode.py", "sft": "bench_sft.py"}[self.name]
         extra = ["--utterances", str(BENCH_OPD_UTTERANCES)] if self.name == "bench_opd" and not smoke else []
-        return [py, os.path.join(TOOLS, script), *tiny, *extra, "--out", json_out]
+        profile = ["--profile", os.path.join(out, f"{self.name}.profile.txt")]  # where time goes
+        return [py, os.path.join(TOOLS, script), *tiny, *extra, *profile, "--out", json_out]
 
     def result_file(self, out: str) -> str:
         if self.name == "trainer":

@@ -3,10 +3,17 @@
 megatron-core's own local `DotProductAttention` rejects packed (THD) sequences, which both the
 packed decoder batches and the windowed / per-utterance encoders need. `SDPACoreAttention` is a
 drop-in `core_attention` submodule built on `torch.nn.functional.scaled_dot_product_attention`
-that takes padded (SBHD) and packed (THD, cu_seqlens) inputs.
+that takes padded (SBHD) and packed (THD, cu_seqlens) inputs. Packed input on a GPU goes to
+torch's variable-length flash attention (one kernel for all segments) where this torch has it
+and a probe on the device confirms it; otherwise each segment gets its own SDPA call.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,14 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class PackedSegments(PackedSeqParams):
+    """megatron's THD description, with the segment boundaries also on the host: read once per
+    forward, not once per layer (each read waits for the GPU)."""
+
+    boundaries: tuple[int, ...] = ()
 
 
 class SDPACoreAttention(MegatronModule):
@@ -64,21 +79,91 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _packed(self, query, key, value, params, causal, dropout):
-        cu_q = params.cu_seqlens_q.tolist()
-        cu_k = params.cu_seqlens_kv.tolist()
-        outs = []
-        for i in range(len(cu_q) - 1):
-            # [t_i, n, d] -> [1, n, t_i, d]
-            q = query[cu_q[i]:cu_q[i + 1]].transpose(0, 1).unsqueeze(0)
-            k = key[cu_k[i]:cu_k[i + 1]].transpose(0, 1).unsqueeze(0)
-            v = value[cu_k[i]:cu_k[i + 1]].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale,
-                enable_gqa=k.shape[1] != q.shape[1],
-            )
-            outs.append(o[0].transpose(0, 1))
-        out = torch.cat(outs, dim=0)
-        return out.reshape(out.shape[0], -1)
+        if getattr(params, "boundaries", None):
+            cu_q = cu_k = list(params.boundaries)
+        else:
+            cu_q, cu_k = params.cu_seqlens_q.tolist(), params.cu_seqlens_kv.tolist()
+        if dropout == 0.0 and cu_q == cu_k and _varlen_usable(query, self.softmax_scale):
+            return varlen_attention(query, key, value, params.cu_seqlens_q, cu_q, causal,
+                                    self.softmax_scale)
+        return per_segment_attention(query, key, value, cu_q, cu_k, causal, self.softmax_scale,
+                                     dropout)
+
+
+def per_segment_attention(query, key, value, cu_q: list[int], cu_k: list[int], causal: bool,
+                          scale: float | None, dropout: float = 0.0) -> torch.Tensor:
+    """THD attention as one SDPA call per segment: [t, n, d] -> [t, n * d]."""
+    outs = []
+    for i in range(len(cu_q) - 1):
+        # [t_i, n, d] -> [1, n, t_i, d]
+        q = query[cu_q[i]:cu_q[i + 1]].transpose(0, 1).unsqueeze(0)
+        k = key[cu_k[i]:cu_k[i + 1]].transpose(0, 1).unsqueeze(0)
+        v = value[cu_k[i]:cu_k[i + 1]].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=causal, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        outs.append(o[0].transpose(0, 1))
+    out = torch.cat(outs, dim=0)
+    return out.reshape(out.shape[0], -1)
+
+
+def varlen_attention(query, key, value, cu: torch.Tensor, bounds: list[int], causal: bool,
+                     scale: float | None) -> torch.Tensor:
+    """THD attention as one variable-length flash-attention call (CUDA, bf16 / fp16):
+    [t, n, d] -> [t, n * d]. Follows the two signatures torch has had (`is_causal` or
+    `window_size`; grouped key / value heads expanded where `enable_gqa` is missing)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            group = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    if scale is not None:
+        kwargs["scale"] = scale
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = varlen_attn(query.contiguous(), key.contiguous(), value.contiguous(), cu, cu,
+                      longest, longest, **kwargs)
+    return out.reshape(out.shape[0], -1)
+
+
+def _varlen_usable(query: torch.Tensor, scale: float | None) -> bool:
+    head_dim = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and head_dim % 8 == 0 and head_dim <= 256
+            and _varlen_probe(query.device, query.dtype, scale))
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_probe(device: torch.device, dtype: torch.dtype, scale: float | None) -> bool:
+    """Whether torch's varlen attention runs here, forward and backward, and agrees with the
+    per-segment path on a small random case (causal, grouped heads); warns once if not."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        bounds = [0, 5, 12, 13]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(13, n, 64, generator=gen, device=device, dtype=dtype)
+                   .requires_grad_() for n in (4, 2, 2))
+        got = varlen_attention(q, k, v, cu, bounds, True, scale)
+        grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+        ref = per_segment_attention(q, k, v, bounds, bounds, True, scale)
+        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        for a, b in zip((got, *grads), (ref, *ref_grads)):
+            if not torch.allclose(a.float(), b.float(), rtol=3e-2, atol=3e-2):
+                raise ValueError("results differ from per-segment SDPA")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: use the per-segment path
+        warnings.warn(f"variable-length flash attention is not usable here ({e!s:.200}); "
+                      f"packed attention runs one SDPA call per segment")
+        return False
 
 
 class QKVLinearWithoutKeyBias(ColumnParallelLinear):

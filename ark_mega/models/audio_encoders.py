@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -23,19 +22,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from ..audio_tokens import aut_audio_tokens, conv_stack_length
+from .attention import PackedSegments
 from .config import AuTEncoderConfig, WhisperEncoderConfig
 from .specs import encoder_layer_spec
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSegments:
     """megatron's THD description of segments with boundaries `cu_seqlens` [n + 1]."""
     cu = cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    bounds = tuple(cu.tolist())  # the one device-to-host read of the boundaries
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return PackedSegments(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                          max_seqlen_q=longest, max_seqlen_kv=longest, boundaries=bounds)
 
 
-def _packed(lengths: list[int], device) -> PackedSeqParams:
+def _packed(lengths: list[int], device) -> PackedSegments:
     return packed_seq_params(torch.tensor([0] + lengths, device=device).cumsum(0))
 
 
