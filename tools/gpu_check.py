@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
-BENCH_OPD_UTTERANCES = 16  # 64 x 30 s runs out of memory on 80 GB (docs/benchmarks.md)
 
 
 @dataclass
@@ -65,9 +64,8 @@ class Part:
                     "--out", json_out]
         script = {"bench_kernels": "bench_kernels.py", "bench_opd": "bench_opd.py",
                   "decode": "bench_decode.py", "sft": "bench_sft.py"}[self.name]
-        extra = ["--utterances", str(BENCH_OPD_UTTERANCES)] if self.name == "bench_opd" and not smoke else []
         profile = ["--profile", os.path.join(out, f"{self.name}.profile.txt")]  # where time goes
-        return [py, os.path.join(TOOLS, script), *tiny, *extra, *profile, "--out", json_out]
+        return [py, os.path.join(TOOLS, script), *tiny, *profile, "--out", json_out]
 
     def result_file(self, out: str) -> str:
         if self.name == "trainer":
