@@ -7,6 +7,8 @@ pipeline (forward only); the results exist on the last pipeline stage.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from megatron.core import parallel_state as ps
 
@@ -22,6 +24,15 @@ def packed(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
+def packed_rows(sequences: list[list[int]], positions: list[list[int]],
+                device) -> torch.Tensor:
+    """Rows of the packed batch of `sequences` at `positions[i]` of sequence i, from the
+    lengths on the host (reading `cu_seqlens` back would wait for the GPU once per row)."""
+    starts = itertools.accumulate((len(s) for s in sequences), initial=0)
+    return torch.tensor([start + p for start, pos in zip(starts, positions) for p in pos],
+                        dtype=torch.long, device=device)
+
+
 def score(model: AudioLM, sequences: list[list[int]], audio: list[torch.Tensor],
           positions: list[list[int]], k: int, ids_to_score: torch.Tensor | None = None,
           blocked: torch.Tensor | None = None) -> TeacherTopK | None:
@@ -29,8 +40,7 @@ def score(model: AudioLM, sequences: list[list[int]], audio: list[torch.Tensor],
     distribution at `positions[i]` of `sequences[i]`, rows in order; None off the last stage."""
     device = next(model.parameters()).device
     ids, cu = packed(sequences, device)
-    flat = torch.tensor([int(cu[i]) + p for i, pos in enumerate(positions) for p in pos],
-                        dtype=torch.long, device=device)
+    flat = packed_rows(sequences, positions, device)
     if ids_to_score is None:
         ids_to_score = torch.empty(len(flat), 0, dtype=torch.long, device=device)
     result = {}

@@ -18,7 +18,7 @@ from ..kernels import sparse_lm_head, union_kl, union_support
 from ..models.audio_lm import AudioLM
 from ..pipeline import run_pipeline
 from .generate import generate
-from .scoring import packed, score
+from .scoring import packed, packed_rows, score
 from .token_map import TokenMap, align_by_characters, byte_spans
 
 
@@ -103,8 +103,7 @@ class OPDStep:
         seqs = [prompts[i].input_ids + answers[i] for i in keep]
         positions = [_answer_positions(prompts[i], answers[i]) for i in keep]
         ids, cu = packed(seqs, device)
-        flat = torch.tensor([int(cu[n]) + p for n, pos in enumerate(positions) for p in pos],
-                            device=device)
+        flat = packed_rows(seqs, positions, device)
         micro = {"input_ids": ids, "cu_seqlens": cu, "audio_features": [feats[i] for i in keep],
                  "return_hidden": True}
         return {"micro": micro, "flat": flat, "union": union, "teacher_inputs": teacher_inputs,
