@@ -34,7 +34,7 @@ class ModelConfig:
 class DataConfig:
     train: str = "examples/data/train.jsonl"
     heldout: str | None = "examples/data/heldout.jsonl"
-    subset: float = 1.0  # fraction of the training manifest used (first records)
+    subset: float = 1.0  # fraction of the training manifest used, evenly spread over it
     max_tokens: int = 4096  # decoder tokens per batch and data-parallel rank
     num_buckets: int = 10
     num_workers: int = 2

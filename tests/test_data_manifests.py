@@ -125,3 +125,15 @@ def test_skip_bad_counts_each_kind_and_enforces_the_bound(tmp_path, audio):
     assert "8 of 12 records kept, 4 skipped" in report.summary()
     with pytest.raises(ValueError, match="more than max_skip_fraction=0.1"):
         load_manifest(m, LoadPolicy(skip_bad=True, max_skip_fraction=0.1))
+
+
+def test_subsets_spread_over_the_whole_manifest():
+    from ark_mega.data import spread_subset
+
+    records = ["en"] * 150 + ["zh"] * 150  # a manifest sorted by language, as the demo's was
+    chosen = spread_subset(records, 0.3)
+    assert len(chosen) == 90 and chosen.count("zh") == 45
+    assert spread_subset(list(range(10)), 0.3) == [0, 3, 6]  # deterministic, in order
+    assert spread_subset([7], 0.01) == [7]
+    with pytest.raises(ValueError, match="subset must be in"):
+        spread_subset(records, 0.0)

@@ -376,3 +376,13 @@ def load_manifest(path: str, policy: LoadPolicy | None = None,
     if not cuts:
         raise ValueError(f"{path}: no usable records\n{report.summary()}")
     return CutSet.from_cuts(cuts), report
+
+
+def spread_subset(records: list, fraction: float) -> list:
+    """`fraction` of `records` (at least one), evenly spaced over the whole list and in its
+    order: deterministic, and a manifest sorted by language or length keeps its mix."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"subset must be in (0, 1], got {fraction}")
+    n = len(records)
+    keep = max(1, int(n * fraction))
+    return [records[i * n // keep] for i in range(keep)]

@@ -31,7 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from .. import checkpoint
 from ..config import ModelConfig, OptimConfig, RunConfig, to_dict
 from ..data import Collator, CutBatches, LoadPolicy, PromptBuilder, TokenBudgetSampler, TokenCounter
-from ..data import load_manifest, load_tokenizer
+from ..data import load_manifest, load_tokenizer, spread_subset
 from ..distributed import device, init_parallel
 from ..eval import error_rate
 from ..models import AudioLM, AudioLMConfig, preset
@@ -191,8 +191,7 @@ class Trainer:
         cuts, report = load_manifest(manifest, policy)
         if report.skipped and self.is_writer:
             print(report.summary())
-        cuts = list(cuts)
-        return CutSet.from_cuts(cuts[: max(1, int(len(cuts) * cfg.data.subset))])
+        return CutSet.from_cuts(spread_subset(list(cuts), cfg.data.subset))
 
     def _teacher_transcripts(self) -> str:
         """TD: the teacher transcribes the training audio, written as a manifest."""
