@@ -1,8 +1,10 @@
-"""The committed demo corpus (examples/data, made by tools/make_demo_data.py) is well formed."""
+"""The committed demo corpus (examples/data, made by tools/make_demo_data.py) is well formed, and
+the generator is deterministic for a seed."""
 
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -46,9 +48,9 @@ def test_audio_files(manifests):
             path = os.path.join(DATA, r["audio"])  # relative to the manifest's folder
             assert os.path.isfile(path), path
             info = sf.info(path)
-            assert info.format == "FLAC" and info.subtype == "PCM_16", (path, info)
+            assert info.format == "OGG" and info.subtype == "OPUS", (path, info)
             assert info.samplerate == 16000 and info.channels == 1, path
-            assert 0.5 <= info.frames / info.samplerate <= 10.0, (path, info.duration)
+            assert 0.25 <= info.frames / info.samplerate <= 10.0, (path, info.duration)
 
 
 def test_splits_and_languages(manifests):
@@ -58,7 +60,10 @@ def test_splits_and_languages(manifests):
         langs = {r["language"] for r in manifests[split]}
         assert langs == {"en", "zh"}, (split, langs)
     assert not set(texts["heldout"]) & set(texts["train"]), "held-out text in train"
-    assert len(manifests["train"]) >= 300 and len(manifests["heldout"]) >= 60
+    assert len(manifests["train"]) >= 2000 and len(manifests["heldout"]) >= 200
+    for rows in manifests.values():  # languages alternate through the manifest
+        first_half = [r["language"] for r in rows[: len(rows) // 2]]
+        assert 0.4 < first_half.count("zh") / len(first_half) < 0.6
     for rows in manifests.values():
         for r in rows:
             if r["language"] == "zh":
@@ -68,6 +73,33 @@ def test_splits_and_languages(manifests):
 
 
 def test_folder_size():
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DATA) for f in fs)
-    assert total < 20 * 1024 * 1024, total
+    examples = os.path.dirname(DATA)
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(examples) for f in fs)
+    assert total < 40 * 1024 * 1024, total
     assert os.path.isfile(os.path.join(DATA, "README.md"))
+
+
+def generate(out, seed, count=12, heldout=4, *extra):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(DATA), os.pardir, "tools", "make_demo_data.py")
+    subprocess.run([sys.executable, script, "--seed", str(seed), "--count", str(count),
+                    "--heldout", str(heldout), "--out", str(out), *extra], check=True,
+                   capture_output=True)
+    return {split: [json.loads(line) for line in open(out / f"{split}.jsonl", encoding="utf-8")]
+            for split in SPLITS}
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_generator_is_deterministic_for_a_seed(tmp_path):
+    a, b = generate(tmp_path / "a", 5), generate(tmp_path / "b", 5)
+    assert a == b and len(a["train"]) == 8 and len(a["heldout"]) == 4
+    for r in a["train"] + a["heldout"]:
+        x, _ = sf.read(tmp_path / "a" / r["audio"])
+        y, _ = sf.read(tmp_path / "b" / r["audio"])
+        assert (x == y).all(), r["audio"]
+    other = generate(tmp_path / "c", 6, 12, 12, "--exclude", str(tmp_path / "a" / "train.jsonl"))
+    texts = {r["text"] for r in other["heldout"]}
+    assert texts != {r["text"] for r in a["heldout"]}  # a fresh sample
+    assert not texts & {r["text"] for r in a["train"]}  # and none of the excluded texts
