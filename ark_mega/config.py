@@ -92,6 +92,10 @@ class RunConfig:
     log_every: int = 1
     max_nonfinite_in_a_row: int = 5
     eval_batch_tokens: int = 8192
+    # held-out CER / WER (data.heldout) every eval_every steps into the metrics (0: at the end
+    # only); keep_best also saves the weights with the lowest mean error to output_dir/best
+    eval_every: int = 0
+    keep_best: bool = False
     td_manifest: str | None = None  # TD: where the teacher's transcripts go
 
     def __post_init__(self):
@@ -100,6 +104,8 @@ class RunConfig:
         if self.stage in ("td", "opd") and self.teacher is None:
             raise ValueError(f"stage {self.stage} needs a teacher model (teacher.preset, "
                              f"teacher.checkpoint)")
+        if (self.eval_every or self.keep_best) and not self.data.heldout:
+            raise ValueError("eval_every / keep_best need a held-out manifest (data.heldout)")
 
 
 def _build(cls, data: dict, where: str):

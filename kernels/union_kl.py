@@ -16,12 +16,17 @@ import triton.language as tl
 from ._backend import next_pow2, use_triton
 
 
-def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0):
+def union_kl_rows(student_logits, teacher_scores, valid, tau: float = 1.0):
+    """tau^2 * KL per row [N] over its valid entries, and which rows count (>= 2 valid)."""
     neg_inf = torch.finfo(student_logits.dtype).min
     log_q = torch.log_softmax((student_logits / tau).masked_fill(~valid, neg_inf), dim=-1)
     log_p = torch.log_softmax((teacher_scores.to(student_logits.dtype) / tau).masked_fill(~valid, neg_inf), dim=-1)
     kl_rows = (log_p.exp() * (log_p - log_q)).masked_fill(~valid, 0.0).sum(-1) * tau ** 2
-    counted = valid.sum(-1) >= 2
+    return kl_rows, valid.sum(-1) >= 2
+
+
+def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0):
+    kl_rows, counted = union_kl_rows(student_logits, teacher_scores, valid, tau)
     return (kl_rows * counted).sum() / counted.sum().clamp(min=1)
 
 

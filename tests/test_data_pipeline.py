@@ -178,7 +178,7 @@ def test_demo_corpus_loads_with_every_check():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cuts, report = load_manifest(os.path.join(root, "examples", "data", "heldout.jsonl"))
-    assert report.total == len(list(cuts)) == 60 and not report.skipped
+    assert report.total == len(list(cuts)) == 200 and not report.skipped
     assert {c.supervisions[0].language for c in cuts} == {"en", "zh"}
 
 

@@ -148,3 +148,20 @@ def test_opd_benchmark_script_agrees_with_the_transformers_baseline(tmp_path):
     result = json.loads(out.read_text())
     assert result["losses_agree"]
     assert result["shared_rollout_loss_ours"] == pytest.approx(result["shared_rollout_loss_baseline"], rel=1e-4)
+
+
+def test_agreement_metrics_on_a_known_union():
+    from ark_mega.kernels import union_support
+    from ark_mega.opd.steps import agreement
+
+    teacher = torch.tensor([[5, 7], [1, 2]])
+    student = torch.tensor([[5, 9], [3, 1]])  # row 0 agrees on the top-1, row 1 does not
+    t_logp = torch.tensor([[0.6, 0.3], [0.5, 0.4]]).log()
+    s_at = torch.tensor([[0.6, 0.05], [0.01, 0.5]]).log()
+    union = union_support(teacher, student, t_logp, s_at, impl="torch")
+    logits = torch.zeros(union.ids.shape)  # a uniform student over each union
+    m = agreement(logits, union, student, tau=1.0)
+    assert m["top1_agree"].item() == pytest.approx(0.5)
+    # teacher mass inside the union: row 0 {5, 7, 9}: 0.6 + 0.3 + 0.05; row 1 {1, 2, 3}: 0.5 + 0.4 + 0.01
+    assert m["teacher_mass"].item() == pytest.approx((0.95 + 0.91) / 2, rel=1e-6)
+    assert 0 < m["kl_p50"] <= m["kl_p90"] <= m["kl_max"]

@@ -121,7 +121,10 @@ def test_td_then_opd_stages(single_rank, tmp_path, tok_file):
     last = opd.run()
     assert torch.isfinite(torch.tensor(last["loss"])) and last["vuss"] > 1
     assert {"rollout_nonempty", "fallbacks", "mismatch", "rollout_len", "tokens_per_s",
-            "time_rollout", "time_teacher", "time_student", "memory_gib"} <= set(last)
+            "time_rollout", "time_teacher", "time_student", "memory_gib", "teacher_mass",
+            "top1_agree", "kl_p50", "kl_p90", "kl_max"} <= set(last)
+    assert 0 < last["teacher_mass"] <= 1 + 1e-6 and 0 <= last["top1_agree"] <= 1
+    assert 0 <= last["kl_p50"] <= last["kl_p90"] <= last["kl_max"]
     rates = opd.evaluate()
     assert set(rates) == {"cer_zh", "wer_en"}
 
@@ -158,3 +161,22 @@ def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
     assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "step_000004")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.resolve(str(tmp_path / "step_000006.tmp"))
+
+
+def test_held_out_evaluation_during_training_keeps_the_best(single_rank, tmp_path, tok_file):
+    from ark_mega.opd.trainer import Trainer
+
+    out = tmp_path / "eval"
+    Trainer(load_config(None, run_overrides(tmp_path, tok_file, out, steps=4, eval_every=2,
+                                            keep_best=True))).run()
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    evaluated = [r["step"] for r in records if "heldout_cer_zh" in r]
+    assert evaluated == [2, 4] and all("heldout_wer_en" in r for r in records if r["step"] in (2, 4))
+    best = json.loads((out / "best" / "best.json").read_text())
+    scores = {r["step"]: (r["heldout_cer_zh"] + r["heldout_wer_en"]) / 2 for r in records
+              if r["step"] in (2, 4)}
+    assert best["step"] == min(scores, key=scores.get) and best["score"] == min(scores.values())
+    assert checkpoint.latest_checkpoint(str(out / "best")) is not None
+    with pytest.raises(ValueError, match="need a held-out manifest"):
+        load_config(None, ["stage=sft", "eval_every=10", "data.heldout=null"])

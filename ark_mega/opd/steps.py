@@ -15,6 +15,7 @@ from ..config import OPDSettings
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
 from ..kernels import sparse_lm_head, union_kl, union_support
+from ..kernels.union_kl import union_kl_rows
 from ..models.audio_lm import AudioLM
 from ..pipeline import run_pipeline
 from .generate import generate
@@ -39,6 +40,26 @@ def sft_step(model, batch: Batch) -> dict:
     if not reports:
         return {}
     return {"loss": reports[0]["loss"].item(), "tokens": int(reports[0]["tokens"])}
+
+
+AGREEMENT = ("teacher_mass", "top1_agree", "kl_p50", "kl_p90", "kl_max")
+
+
+def agreement(student_logits: torch.Tensor, union, student_topk: torch.Tensor,
+              tau: float) -> dict:
+    """Is distillation working, per step: the teacher's probability mass inside the union
+    (how much of its distribution the loss sees), how often the student's top-1 is the
+    teacher's (the union lists the teacher's ids first, best first), and quantiles of the
+    per-position KL over the positions the loss counts."""
+    with torch.no_grad():
+        kl, counted = union_kl_rows(student_logits.float(), union.teacher_scores, union.valid, tau)
+        kl = kl[counted] if counted.any() else kl.new_zeros(1)
+        mass = union.teacher_scores.float().exp().masked_fill(~union.valid, 0.0).sum(-1)
+        teacher_top = union.ids[:, 0]
+        agree = ((teacher_top == student_topk[:, 0]) & (teacher_top >= 0)).float()
+        q = torch.quantile(kl, torch.tensor([0.5, 0.9], device=kl.device))
+        return {"teacher_mass": mass.mean(), "top1_agree": agree.mean(), "kl_p50": q[0],
+                "kl_p90": q[1], "kl_max": kl.max()}
 
 
 def _answer_positions(prompt, answer: list[int]) -> list[int]:
@@ -124,14 +145,17 @@ class OPDStep:
                                     tensor_parallel=tp > 1)
             loss = union_kl(logits, union.teacher_scores, union.valid, self.cfg.temperature)
             used = (union.valid.sum(1) >= 2).sum()
-            return loss, {"loss": loss.detach(), "positions": used, "vuss": union.vuss}
+            return loss, {"loss": loss.detach(), "positions": used, "vuss": union.vuss,
+                          **agreement(logits.detach(), union, work["student_topk"],
+                                      self.cfg.temperature)}
 
         t0 = time.perf_counter()
         reports = run_pipeline(self.student, [work["micro"]], loss_fn, forward_only=False)
         metrics["time_student"] = time.perf_counter() - t0
         if reports:
             r = reports[0]
-            metrics.update(loss=r["loss"].item(), vuss=r["vuss"].item(), positions=int(r["positions"]))
+            metrics.update(loss=r["loss"].item(), vuss=r["vuss"].item(), positions=int(r["positions"]),
+                           **{k: r[k].item() for k in AGREEMENT})
         return metrics
 
     def _student_topk(self, rollout, answers, fallback, keep, prompts, feats):

@@ -131,8 +131,9 @@ class MetricsLog:
             self.tb.close()
 
 
-SHOWN = ("loss", "vuss", "positions", "rollout_nonempty", "fallbacks", "mismatch", "rollout_len",
-         "tokens_per_s", "step_time", "lr")
+SHOWN = ("loss", "vuss", "teacher_mass", "top1_agree", "positions", "rollout_nonempty",
+         "fallbacks", "mismatch", "rollout_len", "tokens_per_s", "step_time", "lr",
+         "heldout_cer_zh", "heldout_wer_en")
 
 
 PREEMPTED_EXIT_CODE = 3  # examples/train_opd.py exits with it after a preemption save
@@ -304,6 +305,11 @@ class Trainer:
                 metrics["grad_norm"] = grad_norm
             metrics.update(self._throughput(batch, time.perf_counter() - t0))
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                rates = self.evaluate()
+                metrics.update({f"heldout_{k}": v for k, v in rates.items()})
+                if cfg.keep_best:
+                    self._keep_if_best(step, rates)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, metrics)
             result = metrics
@@ -316,6 +322,22 @@ class Trainer:
                 break
         log.close()
         return result
+
+    def _keep_if_best(self, step: int, rates: dict) -> None:
+        """Save the weights to output_dir/best when their mean held-out error is the lowest so
+        far (best.json holds the step and rates; it survives a resume)."""
+        root = os.path.join(self.cfg.output_dir, "best")
+        record = os.path.join(root, "best.json")
+        score = sum(rates.values()) / max(len(rates), 1)
+        if os.path.isfile(record):
+            with open(record) as f:
+                if json.load(f)["score"] <= score:
+                    return
+        checkpoint.save(root, step, self.student, keep_last=1)
+        if dist.get_rank() == 0:
+            with open(record, "w") as f:
+                json.dump({"step": step, "score": score, **rates}, f)
+        dist.barrier()
 
     def _next_batch(self, loader, cuts, epoch, consumed):
         """The next batch on every data-parallel rank; a new epoch for all when any runs out
