@@ -173,3 +173,29 @@ def test_clear_errors(single_rank, glmasr_folder, tmp_path):
     llama["text_config"]["model_type"] = "llama"
     with pytest.raises(UnsupportedConfig, match="only Qwen2 \\(QKV bias\\) text models"):
         ok("import", folder("llama", tensors, llama), tmp_path / "x4")
+
+
+def test_qwen3_asr_export_loads_in_transformers_with_our_logits(tmp_path, single_rank):
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    from ark_mega import checkpoint
+    from ark_mega.models import AudioLM
+
+    build_hf_model(preset("tiny_qwen3_asr")).save_pretrained(tmp_path / "native")
+    train_bpe_tokenizer(["hello there", "你好世界"], 300).save(str(tmp_path / "tokenizer.json"))
+    ok("import", tmp_path / "native", tmp_path / "ck")
+    ok("export", tmp_path / "ck", tmp_path / "out", "--tokenizer", tmp_path)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen3_asr"
+    same_state(load_file(str(tmp_path / "native" / "model.safetensors")),
+               load_file(str(tmp_path / "out" / "model.safetensors")))
+    cfg = checkpoint.model_config(str(tmp_path / "ck"))
+    ours = AudioLM(cfg)
+    checkpoint.load(str(tmp_path / "ck"), ours)
+    theirs = Qwen3ASRForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+    utts = make_utterances(cfg, [200], [6], seed=5)
+    ref = hf_logits(theirs, cfg, utts, batched=False)
+    with torch.no_grad():
+        got = ours.eval()(utts[0][1][None], [utts[0][0]])
+    assert (got[:, 0] - ref[0]).abs().max() <= 1e-4 * ref[0].abs().max()
+    with pytest.raises(ValueError, match="export it with --layout qwen3_asr, not glmasr"):
+        ok("export", tmp_path / "ck", tmp_path / "bad", "--layout", "glmasr", "--tokenizer", tmp_path)

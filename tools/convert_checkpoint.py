@@ -1,7 +1,7 @@
 """Convert checkpoints between Hugging Face folders and megatron dist checkpoints.
 
     python tools/convert_checkpoint.py import HF_FOLDER OUT_DIR
-    python tools/convert_checkpoint.py export CHECKPOINT OUT_FOLDER --layout arkasr|glmasr \
+    python tools/convert_checkpoint.py export CHECKPOINT OUT_FOLDER --layout arkasr|glmasr|qwen3_asr \
         --tokenizer TOKENIZER_FOLDER [--blocked-from 151670]
 
 import: a local HF folder (config.json, safetensors, tokenizer files) of Ark-ASR (`arkasr`),
@@ -11,9 +11,10 @@ with OUT_DIR/tokenizer/. Tensors are read lazily and copied into the model one a
 
 export: a checkpoint saved at any TP / PP layout (or a folder of them: the newest) -> a folder
 that loads with transformers without this package: safetensors shards, config.json, the
-tokenizer files and a generation_config.json (stop token, blocked ids). `glmasr` is
-transformers' native class; `arkasr` is the model's own layout (it needs its modeling code to
-load). Both run in one process.
+tokenizer files and a generation_config.json (stop token, blocked ids). For the Ark-ASR
+student, `glmasr` is transformers' native class and `arkasr` the model's own layout (it needs
+its modeling code to load); a Qwen3-ASR model is written in transformers' `qwen3_asr` layout.
+Both run in one process.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def do_import(args) -> str:
     return path
 
 
+LAYOUTS = {"ark_asr": ("arkasr", "glmasr"), "qwen3_asr": ("qwen3_asr",)}  # by model family
+
+
 def do_export(args) -> str:
     from ark_mega import checkpoint
     from ark_mega.convert.hf_folder import config_to_hf, copy_tokenizer, disk_name, write_tensors
@@ -50,8 +54,11 @@ def do_export(args) -> str:
     from ark_mega.opd.transcribe import blocked_ids
 
     cfg = checkpoint.model_config(args.src)
-    if cfg.family != "ark_asr":
-        raise ValueError("export writes the Ark-ASR student (arkasr / glmasr layouts)")
+    allowed = LAYOUTS[cfg.family]
+    args.layout = args.layout or allowed[0]
+    if args.layout not in allowed:
+        raise ValueError(f"{args.src} holds a {cfg.family} model: export it with --layout "
+                         f"{' or '.join(allowed)}, not {args.layout}")
     model = AudioLM(cfg)
     checkpoint.load(args.src, model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -67,7 +74,9 @@ def do_export(args) -> str:
     with open(os.path.join(args.dst, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
     copy_tokenizer(args.tokenizer, args.dst)
-    prompts = PromptBuilder.student(load_tokenizer(args.tokenizer), cfg.encoder.merge_factor)
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
+               else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
     blocked = blocked_ids(prompts, cfg.decoder.vocab_size, args.blocked_from)
     with open(os.path.join(args.dst, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": prompts.stop_id, "pad_token_id": prompts.stop_id,
@@ -87,7 +96,8 @@ def main() -> int:
     exp = sub.add_parser("export", help="megatron checkpoint -> HF folder")
     exp.add_argument("src")
     exp.add_argument("dst")
-    exp.add_argument("--layout", choices=["arkasr", "glmasr"], default="arkasr")
+    exp.add_argument("--layout", choices=["arkasr", "glmasr", "qwen3_asr"],
+                     help="default: arkasr for Ark-ASR, qwen3_asr for Qwen3-ASR models")
     exp.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (+ files)")
     exp.add_argument("--blocked-from", type=int, default=None)
     exp.add_argument("--max-shard-gb", type=float, default=2.0)
