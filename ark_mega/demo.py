@@ -18,6 +18,7 @@ import yaml
 
 from .config import load_config
 from .data import train_bpe_tokenizer
+from .plots import plot_run
 
 
 def _stage_overrides(spec: dict, prefix: str = "") -> list[str]:
@@ -62,7 +63,8 @@ def run_demo(config_path: str, overrides: list[str]) -> list[dict]:
     def config(stage, name, student, teacher=None, subset=1.0):
         tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name),
                 "student": student, "parallel": demo["parallel"],
-                "data": {**demo["data"], "subset": subset}, "save_every": 10**9, "keep_last": 1}
+                "data": {**demo["data"], "subset": subset}, "save_every": 10**9, "keep_last": 1,
+                "opd": {"generation": {"max_new_tokens": demo["max_new_tokens"]}}}
         if teacher:
             tree["teacher"] = teacher
         base = _stage_overrides(tree) + _stage_overrides(demo["stages"][name])
@@ -101,6 +103,7 @@ def run_demo(config_path: str, overrides: list[str]) -> list[dict]:
         print_table(table)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(table, f, indent=1)
+        print(f"plot: {plot_run(out, os.path.join(out, 'summary.png'))}")
     return table
 
 

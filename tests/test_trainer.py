@@ -146,6 +146,8 @@ def test_config_errors_name_the_key():
         load_config(None, ["stage=sft", "optim.lrr=1"])
     with pytest.raises(TypeError, match="config steps"):
         load_config(None, ["stage=sft", "steps=many"])
+    with pytest.raises(ValueError, match="optim.min_lr \\(0.1\\) is above optim.lr"):
+        load_config(None, ["stage=sft", "optim.lr=0.01", "optim.min_lr=0.1"])
     with pytest.raises(ValueError, match="needs a teacher"):
         load_config(None, ["stage=opd"])
     cfg = load_config(os.path.join(ROOT, "examples", "configs", "ark_asr_opd.yaml"),
