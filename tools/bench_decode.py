@@ -13,16 +13,14 @@ prompt, first token), decode tokens/s over the remaining steps, and their fracti
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import sys
 import time
 import warnings
 
 import torch
 
-from device_speed import copy_gbps, sync, write_profile
+from device_speed import bench_device, bench_parser, copy_gbps, report, sync, write_profile
 from random_models import random_model, toy_tokenizer
 
 
@@ -33,28 +31,23 @@ def decoder_weight_bytes(model) -> int:
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__)
     ap.add_argument("--preset", default="ark_asr_0p6b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
-    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
-    ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if args.smoke:
         args.preset, args.batch, args.seconds, args.new_tokens = "tiny_ark_asr", 4, 2.0, 6
-    elif not torch.cuda.is_available():
-        print("this benchmark needs a CUDA GPU; --smoke checks the script on the CPU")
+    if (where := bench_device(args.smoke)) is None:
         return 2
+    dev, dtype = where
 
     from ark_mega.distributed import ParallelConfig, init_parallel
     from ark_mega.opd.generate import GenerationConfig, generate
     from ark_mega.opd.transcribe import blocked_ids
 
     init_parallel(ParallelConfig())
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, prompts = random_model(args.preset, toy_tokenizer(), dtype, dev, tiny=args.smoke)
     model.eval()
     frames = int(args.seconds * 100)
@@ -93,13 +86,9 @@ def main() -> int:
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
         "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
     }
-    for key, val in result.items():
-        print(f"{key:>24}: {val}")
+    report(result, args.out)
     if args.profile:  # 16 tokens: the prefill and 15 decoding steps
         write_profile(args.profile, lambda: run(min(16, args.new_tokens)), dev)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

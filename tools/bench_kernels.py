@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 
 import torch
 
-from device_speed import copy_gbps, peak_mib, timed, write_profile
+from device_speed import copy_gbps, peak_mib, report, timed, write_profile
 
 
 def make_inputs(n, v, h, k, dtype, device, seed=0):
@@ -126,13 +125,9 @@ def main() -> int:
         result["copy_gbps"] = copy_gbps(device)
         result["union_kl_fraction_of_copy"] = result["union_kl_gbps"] / result["copy_gbps"]
 
-    for key, val in result.items():
-        print(f"{key:>28}: {val}")
+    report(result, args.out)
     if args.profile:  # the fused loss head, forward and backward
         write_profile(args.profile, fused, device)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

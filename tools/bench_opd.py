@@ -217,7 +217,7 @@ def main() -> int:
         "ours_teacher_s": ours["time_teacher"], "ours_student_s": ours["time_student"],
         "ours_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
     }
-    report(result, result, args.out)  # written before the baseline runs, which may fail
+    report_so_far(result, result, args.out)  # written before the baseline runs, which may fail
     if args.profile:  # our step on the warm-up's 2 utterances
         write_profile(args.profile, lambda: step(few), dev)
     if args.no_baseline:
@@ -249,11 +249,11 @@ def main() -> int:
         "losses_agree": agree,
     }
     result.update(base)
-    report(base, result, args.out)
+    report_so_far(base, result, args.out)
     return 0 if agree else 1
 
 
-def report(new: dict, result: dict, out: str | None) -> None:
+def report_so_far(new: dict, result: dict, out: str | None) -> None:
     """Print the new figures; write all of them so far."""
     for key, val in new.items():
         print(f"{key:>32}: {val}", flush=True)

@@ -11,15 +11,13 @@ below) / step time / the bf16 throughput of a large matrix product measured in t
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import sys
 import warnings
 
 import torch
 
-from device_speed import matmul_tflops, sync, timed, write_profile
+from device_speed import bench_device, bench_parser, matmul_tflops, report, sync, timed, write_profile
 from random_models import random_model, toy_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog " * 8
@@ -56,20 +54,17 @@ def train_flops(cfg, utterances: list[tuple[int, int]]) -> float:
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__)
     ap.add_argument("--preset", default="ark_asr_0p6b")
     ap.add_argument("--utterances", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--text-tokens", type=int, default=48)
-    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
-    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
-    ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if args.smoke:
         args.preset, args.utterances, args.seconds, args.text_tokens = "tiny_ark_asr", 3, 2.0, 8
-    elif not torch.cuda.is_available():
-        print("this benchmark needs a CUDA GPU; --smoke checks the script on the CPU")
+    if (where := bench_device(args.smoke)) is None:
         return 2
+    dev, dtype = where
 
     from ark_mega.config import OptimConfig
     from ark_mega.data import Collator
@@ -78,8 +73,6 @@ def main() -> int:
     from ark_mega.opd.trainer import build_optimizer
 
     init_parallel(ParallelConfig())
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = toy_tokenizer()
     model, prompts = random_model(args.preset, tok, dtype, dev, tiny=args.smoke)
     ddp, optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-5), dtype, steps=100)
@@ -118,13 +111,9 @@ def main() -> int:
         "matmul_peak_tflops": peak, "mfu": achieved / peak,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
     }
-    for key, val in result.items():
-        print(f"{key:>22}: {val}")
+    report(result, args.out)
     if args.profile:
         write_profile(args.profile, step, dev)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

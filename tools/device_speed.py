@@ -6,6 +6,8 @@ the bandwidth of a device-to-device copy and the throughput of a large bf16 matr
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 
 import torch
@@ -84,3 +86,33 @@ def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
             f.write(events.table(sort_by="self_device_time_total", row_limit=rows) + "\n")
         f.write("by host time\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n")
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print a benchmark's figures, one per line; write them as JSON to `out` if given."""
+    width = max(map(len, result))
+    for key, val in result.items():
+        print(f"{key:>{width}}: {val}", flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its own options, plus --smoke, --profile and --out."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
+    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
+    ap.add_argument("--out", help="write the results as JSON here")
+    return ap
+
+
+def bench_device(smoke: bool) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) of a run: CUDA in bf16; the CPU in fp32 for --smoke; None (with the
+    reason printed) for a real run without a GPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    if smoke:
+        return torch.device("cpu"), torch.float32
+    print("this benchmark needs a CUDA GPU; --smoke checks the script on the CPU")
+    return None
