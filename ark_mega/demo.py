@@ -31,7 +31,7 @@ def _stage_overrides(spec: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _tokenizer(path: str, train: str, vocab: int) -> None:
+def make_tokenizer(path: str, train: str, vocab: int) -> None:
     """Train the demo's BPE tokenizer on the train transcripts (rank 0), once."""
     if dist.get_rank() == 0 and not os.path.isfile(path):
         with open(train, encoding="utf-8") as f:
@@ -39,6 +39,17 @@ def _tokenizer(path: str, train: str, vocab: int) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         train_bpe_tokenizer(texts, vocab).save(path)
     dist.barrier()
+
+
+def model_spec(demo: dict, name: str, tokenizer: str, checkpoint: str | None = None) -> dict:
+    """The run config of demo.yaml's model `name` ("teacher" / "student"): its preset and
+    overrides at the demo's vocabulary size, the tokenizer, and the initial weights if any."""
+    spec = copy.deepcopy(demo[name])
+    spec["overrides"]["decoder.vocab_size"] = demo["vocab_size"]
+    spec["tokenizer"] = tokenizer
+    if checkpoint:
+        spec["checkpoint"] = checkpoint
+    return spec
 
 
 def run_demo(config_path: str, overrides: list[str]) -> list[dict]:
@@ -50,15 +61,10 @@ def run_demo(config_path: str, overrides: list[str]) -> list[dict]:
     out = demo["output_dir"]
     init_parallel(ParallelConfig(**demo["parallel"]))
     tok = os.path.join(out, "tokenizer.json")
-    _tokenizer(tok, "examples/data/train.jsonl", demo["tokenizer_vocab"])
+    make_tokenizer(tok, "examples/data/train.jsonl", demo["tokenizer_vocab"])
 
     def model(name, checkpoint=None):
-        spec = copy.deepcopy(demo[name])
-        spec["overrides"]["decoder.vocab_size"] = demo["vocab_size"]
-        spec["tokenizer"] = tok
-        if checkpoint:
-            spec["checkpoint"] = checkpoint
-        return spec
+        return model_spec(demo, name, tok, checkpoint)
 
     def config(stage, name, student, teacher=None, subset=1.0):
         tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name),

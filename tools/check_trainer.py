@@ -40,7 +40,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from ark_mega.config import load_config
-    from ark_mega.data import train_bpe_tokenizer
+    from ark_mega.demo import make_tokenizer, model_spec
     from ark_mega.distributed import ParallelConfig, init_parallel
     from ark_mega.opd.trainer import Trainer
 
@@ -48,15 +48,11 @@ def main() -> int:
     with open(os.path.join("examples", "configs", "demo.yaml"), encoding="utf-8") as f:
         demo = yaml.safe_load(f)
     tok = os.path.join(out, "tokenizer.json")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join("examples", "data", "train.jsonl"), encoding="utf-8") as f:
-        train_bpe_tokenizer([json.loads(line)["text"] for line in f], demo["tokenizer_vocab"]).save(tok)
+    make_tokenizer(tok, os.path.join("examples", "data", "train.jsonl"), demo["tokenizer_vocab"])
     td_manifest = os.path.join(out, "td_manifest.jsonl")
 
     def model(name, checkpoint=None):
-        overrides = {**demo[name]["overrides"], "decoder.vocab_size": demo["vocab_size"]}
-        spec = {"preset": demo[name]["preset"], "tokenizer": tok, "overrides": overrides}
-        return {**spec, "checkpoint": checkpoint} if checkpoint else spec
+        return model_spec(demo, name, tok, checkpoint)
 
     def run(name, stage, steps, student, teacher=None, **extra):
         tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name), "steps": steps,

@@ -115,7 +115,7 @@ def varlen_attention(query, key, value, cu: torch.Tensor, bounds: list[int], cau
     `window_size`; grouped key / value heads expanded where `enable_gqa` is missing)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_parameters()
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
@@ -133,6 +133,14 @@ def varlen_attention(query, key, value, cu: torch.Tensor, bounds: list[int], cau
     out = varlen_attn(query.contiguous(), key.contiguous(), value.contiguous(), cu, cu,
                       longest, longest, **kwargs)
     return out.reshape(out.shape[0], -1)
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    """The argument names of this torch's varlen_attn (read once, not at every layer)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _varlen_usable(query: torch.Tensor, scale: float | None) -> bool:

@@ -39,11 +39,12 @@ def use_transformer_engine(transformer_impl: str, fp8: str | None) -> bool:
         raise ValueError(f"transformer_impl={transformer_impl!r}: expected one of {TRANSFORMER_IMPLS}")
     if fp8 not in FP8_FORMATS:
         raise ValueError(f"fp8={fp8!r}: expected one of {FP8_FORMATS}")
+    te_ok = te_available()
     why_not = ("Transformer Engine is not installed" if importlib.util.find_spec("transformer_engine") is None
                else "CUDA is not available")
-    if transformer_impl == "transformer_engine" and not te_available():
+    if transformer_impl == "transformer_engine" and not te_ok:
         raise ValueError(f"transformer_impl=transformer_engine: {why_not}")
-    use_te = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_available())
+    use_te = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_ok)
     if fp8 and not use_te:
         raise ValueError(f"fp8={fp8}: FP8 needs Transformer Engine layers, and here "
                          f"transformer_impl={transformer_impl} gives local layers ({why_not})"
