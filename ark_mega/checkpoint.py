@@ -159,15 +159,30 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
     return final
 
 
-def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True) -> dict:
+def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
+         optional: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint (or the newest in a folder of them) into `model` (and optimizer /
     scheduler) at the current layout;
     return this rank's extra state (step, sampler, ...) with the RNG states restored.
-    With `optimizer=None` only the weights are read (e.g. initial weights of a new stage)."""
+    With `optimizer=None` only the weights are read (e.g. initial weights of a new stage).
+    Model tensors whose names start with one of `optional` (e.g. a training-only head) keep
+    their initial values when the checkpoint lacks them; tensors the checkpoint has and the
+    model lacks are not read."""
     path = resolve(path)
     if optimizer is not None:
         _prepare_optimizer_for_load(optimizer)
-    state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), path)
+    sharded = _sharded(model, optimizer, scheduler, loading=True)
+    absent = []
+    if optional:
+        if optimizer is not None:
+            raise ValueError("optional tensors are for loading weights only, not for a resume")
+        saved = dist_checkpointing.load_tensors_metadata(path)
+        absent = [k for k, t in sharded["model"].items()
+                  if k.startswith(optional) and getattr(t, "key", k) not in saved]
+        for k in absent:
+            del sharded["model"][k]
+    state = dist_checkpointing.load(sharded, path)
+    state["model"].update({k: model.state_dict()[k] for k in absent})
     model.load_state_dict(state["model"], strict=strict)
     if optimizer is None:
         return {}

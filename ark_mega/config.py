@@ -75,6 +75,18 @@ class OPDSettings:
 
 
 @dataclass
+class SFTSettings:
+    # joint CTC / attention training (sft and td stages, one pipeline stage): the weight of the
+    # CTC loss of an auxiliary head on the audio embeddings; 0 is plain cross-entropy. An aid
+    # for models trained from scratch (ESPnet / WeNet use 0.3); the head is not exported.
+    ctc_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ctc_weight < 1.0:
+            raise ValueError(f"sft.ctc_weight must be in [0, 1), got {self.ctc_weight}")
+
+
+@dataclass
 class RunConfig:
     stage: str = "opd"  # sft | td | opd
     name: str = "run"
@@ -84,6 +96,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     opd: OPDSettings = field(default_factory=OPDSettings)
+    sft: SFTSettings = field(default_factory=SFTSettings)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     steps: int = 100
     seed: int = 1234
@@ -106,6 +119,11 @@ class RunConfig:
         if self.stage in ("td", "opd") and self.teacher is None:
             raise ValueError(f"stage {self.stage} needs a teacher model (teacher.preset, "
                              f"teacher.checkpoint)")
+        if self.sft.ctc_weight and self.stage == "opd":
+            raise ValueError("sft.ctc_weight applies to the sft and td stages, not opd")
+        if self.sft.ctc_weight and self.parallel.pipeline_parallel > 1:
+            raise ValueError("sft.ctc_weight needs parallel.pipeline_parallel 1 (the CTC head "
+                             "and the loss would sit on different pipeline stages)")
         if (self.eval_every or self.keep_best) and not self.data.heldout:
             raise ValueError("eval_every / keep_best need a held-out manifest (data.heldout)")
 

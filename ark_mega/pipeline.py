@@ -19,7 +19,8 @@ def _forward_step(loss_fn):
     def step(data_iterator, model: AudioLM):
         batch = next(data_iterator)
         output = model(batch["input_ids"], batch.get("audio_features"), batch.get("cu_seqlens"),
-                       return_hidden=batch.get("return_hidden", False))
+                       return_hidden=batch.get("return_hidden", False),
+                       return_ctc=batch.get("return_ctc", False))
         return output, lambda out: loss_fn(out, batch)
 
     return step
@@ -31,7 +32,8 @@ def run_pipeline(model: AudioLM, micro_batches: list[dict], loss_fn: Callable,
 
     Each micro-batch is a dict with `input_ids` [b, s] (or packed [1, t] with `cu_seqlens`) and,
     for the first stage, `audio_features`; `return_hidden: True` hands `loss_fn` the final hidden
-    states instead of logits. All micro-batches must have one shape: the stages
+    states instead of logits, `return_ctc: True` also the CTC head's output (PP = 1: see
+    AudioLM.forward). All micro-batches must have one shape: the stages
     exchange tensors of [s, b, hidden].
     """
     shapes = {tuple(b["input_ids"].shape) for b in micro_batches}

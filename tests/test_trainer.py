@@ -132,7 +132,7 @@ def test_td_then_opd_stages(single_rank, tmp_path, tok_file):
 def test_nonfinite_losses_skip_the_step_then_stop(single_rank, tmp_path, tok_file, monkeypatch):
     from ark_mega.opd import trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "sft_step", lambda model, batch: {"loss": float("nan")})
+    monkeypatch.setattr(trainer_module, "sft_step", lambda model, batch, ctc=None: {"loss": float("nan")})
     t = trainer_module.Trainer(load_config(None, run_overrides(
         tmp_path, tok_file, tmp_path / "nan", steps=10, max_nonfinite_in_a_row=3)))
     before = [p.detach().clone() for p in t.student.parameters()]

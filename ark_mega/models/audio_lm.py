@@ -4,6 +4,10 @@ The encoder lives on the first pipeline stage with the embedding; its output rep
 embeddings of the audio placeholder tokens, in order of appearance. The decoder takes either a
 padded batch (`input_ids` [b, s], right padding) or a packed one (`input_ids` [1, t] with
 `cu_seqlens`: no attention across utterances, RoPE positions restart per utterance).
+
+`ctc_head=True` adds a training aid for models trained from scratch: a linear CTC head on the
+audio embeddings (joint CTC / attention training, as in ESPnet and WeNet). It is not part of
+the model's config, so exports and inference leave it out.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .specs import decoder_layer_spec, use_transformer_engine
 class AudioLM(MegatronModule):
     def __init__(self, cfg: AudioLMConfig, dtype: torch.dtype = torch.float32,
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 transformer_impl: str = "auto", fp8: str | None = None):
+                 transformer_impl: str = "auto", fp8: str | None = None, ctc_head: bool = False):
         dec = cfg.decoder
         use_te = use_transformer_engine(transformer_impl, fp8)
         config = decoder_config(dec, dtype, fp8)
@@ -42,6 +46,9 @@ class AudioLM(MegatronModule):
                 self.encoder = WhisperEncoder(cfg.encoder, enc_config, dec.hidden_size, use_te)
             else:
                 self.encoder = AuTEncoder(cfg.encoder, enc_config, use_te)
+        # the CTC head's classes: the vocabulary, then the blank (id vocab_size)
+        self.ctc_head = (torch.nn.Linear(dec.hidden_size, dec.vocab_size + 1)
+                         if ctc_head and pre_process else None)
         self.gpt = GPTModel(
             config=config,
             transformer_layer_spec=decoder_layer_spec(dec.qk_norm, use_te),
@@ -64,12 +71,14 @@ class AudioLM(MegatronModule):
         """Pipeline stages after the first receive their input here (megatron schedules)."""
         self.gpt.set_input_tensor(input_tensor)
 
-    def embed(self, input_ids: torch.Tensor, audio_features: list[torch.Tensor] | None) -> torch.Tensor:
-        """Token embeddings [s, b, h] with audio embeddings at the placeholder positions."""
+    def embed(self, input_ids: torch.Tensor, audio_features: list[torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """Token embeddings [s, b, h] with audio embeddings at the placeholder positions; the
+        audio embeddings [sum(tokens), h] and the token count of each utterance."""
         emb = self.gpt.embedding(input_ids=input_ids, position_ids=None)
         if not audio_features:
-            return emb
-        audio, _ = self.encoder(audio_features)
+            return emb, None, []
+        audio, counts = self.encoder(audio_features)
         is_audio = (input_ids == self.cfg.audio_token_id).transpose(0, 1)  # [s, b] like emb
         # Placeholders are filled in batch-major order of appearance, utterance by utterance.
         order = is_audio.transpose(0, 1).reshape(-1).nonzero().squeeze(-1)
@@ -79,23 +88,33 @@ class AudioLM(MegatronModule):
         s, b = is_audio.shape
         flat = emb.transpose(0, 1).reshape(b * s, -1).clone()
         flat[order] = audio.to(flat.dtype)
-        return flat.reshape(b, s, -1).transpose(0, 1).contiguous()
+        return flat.reshape(b, s, -1).transpose(0, 1).contiguous(), audio, counts
+
+    def ctc_log_probs(self, audio: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The CTC head's log-probabilities [max(counts), n, vocab + 1] (time-major, padded)."""
+        logits = self.ctc_head(audio).float()
+        per_utt = torch.nn.utils.rnn.pad_sequence(list(logits.split(counts)))
+        return per_utt.log_softmax(-1)
 
     def forward(self, input_ids: torch.Tensor | None,
                 audio_features: list[torch.Tensor] | None = None,
                 cu_seqlens: torch.Tensor | None = None,
                 return_hidden: bool = False,
                 attention_mask: torch.Tensor | None = None,
-                inference_context=None) -> torch.Tensor:
+                inference_context=None, return_ctc: bool = False):
         """Vocab-parallel logits [s, b, V/tp] on the last stage (or the final hidden states
-        [s, b, h] with `return_hidden`); the hidden states to send on, elsewhere.
+        [s, b, h] with `return_hidden`); the hidden states to send on, elsewhere. `return_ctc`
+        (one pipeline stage, a model with a CTC head) returns `(output, (ctc_log_probs,
+        audio_token_counts))`.
 
         `input_ids` is [b, s]; packed input is [1, t] with `cu_seqlens` [n + 1]. Generation
         passes a megatron `inference_context` (KV cache) and a boolean `attention_mask`
         [b, 1, s, kv] that is True where attention is blocked (left padding).
         """
         packed = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
-        decoder_input = self.embed(input_ids, audio_features) if self.pre_process else None
+        decoder_input = audio = None
+        if self.pre_process:
+            decoder_input, audio, counts = self.embed(input_ids, audio_features)
         if inference_context is not None:
             rope_len = inference_context.max_sequence_length
         elif packed is not None:
@@ -106,10 +125,17 @@ class AudioLM(MegatronModule):
                                   rotary_pos_emb=self.gpt.rotary_pos_emb(rope_len),
                                   packed_seq_params=packed, inference_context=inference_context)
         if not self.post_process or return_hidden:
-            return hidden
-        if inference_context is not None and inference_context.materialize_only_last_token_logits:
-            hidden = hidden[-1:]  # generation reads the last position only: no [s, b, V] prefill
-        return self.logits(hidden)
+            output = hidden
+        else:
+            if inference_context is not None and inference_context.materialize_only_last_token_logits:
+                hidden = hidden[-1:]  # generation reads the last position only: no [s, b, V] prefill
+            output = self.logits(hidden)
+        if return_ctc:
+            if self.ctc_head is None or not self.post_process or audio is None:
+                raise ValueError("return_ctc needs a model with a CTC head, audio input and one "
+                                 "pipeline stage")
+            return output, (self.ctc_log_probs(audio, counts), counts)
+        return output
 
     def output_weight(self) -> torch.Tensor:
         """This rank's vocabulary shard of the output layer [V/tp, h] (last stage)."""

@@ -35,14 +35,22 @@ from ..data import load_manifest, load_tokenizer, spread_subset
 from ..distributed import device, init_parallel
 from ..eval import error_rate
 from ..models import AudioLM, AudioLMConfig, preset
-from .steps import OPDStep, sft_step
+from .steps import JointCTC, OPDStep, sft_step
 from .token_map import TokenMap
 from .transcribe import blocked_ids, transcribe
 
 
-def build_model(mcfg: ModelConfig, dtype: torch.dtype) -> tuple[AudioLM, PromptBuilder]:
+def run_dtype(cfg: RunConfig) -> torch.dtype:
+    """The models' dtype: `auto` is bf16 with CUDA, fp32 on the CPU."""
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+
+
+def build_model(mcfg: ModelConfig, dtype: torch.dtype,
+                ctc_head: bool = False) -> tuple[AudioLM, PromptBuilder]:
     """The preset with its overrides, and the prompt builder of its family (Ark-ASR or
-    Qwen3-ASR template); vocabulary and audio token checked against the tokenizer."""
+    Qwen3-ASR template); vocabulary and audio token checked against the tokenizer.
+    `ctc_head` adds joint CTC training's head (sft.ctc_weight)."""
     if not mcfg.tokenizer:
         raise ValueError(f"model {mcfg.preset}: a tokenizer (tokenizer.json) is required")
     cfg = preset(mcfg.preset)
@@ -64,7 +72,8 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype) -> tuple[AudioLM, PromptB
                          f"({cfg.decoder.vocab_size}); set decoder.vocab_size")
     cfg = AudioLMConfig.from_dict(cfg.to_dict())  # re-validated
     try:
-        model = AudioLM(cfg, dtype=dtype, transformer_impl=mcfg.transformer_impl, fp8=mcfg.fp8)
+        model = AudioLM(cfg, dtype=dtype, transformer_impl=mcfg.transformer_impl, fp8=mcfg.fp8,
+                        ctc_head=ctc_head)
     except ValueError as e:
         raise ValueError(f"model {mcfg.preset}: {e}") from None
     return model.to(device()), prompts
@@ -131,7 +140,7 @@ class MetricsLog:
             self.tb.close()
 
 
-SHOWN = ("loss", "vuss", "teacher_mass", "top1_agree", "positions", "rollout_nonempty",
+SHOWN = ("loss", "ce_loss", "ctc_loss", "vuss", "teacher_mass", "top1_agree", "positions", "rollout_nonempty",
          "fallbacks", "mismatch", "rollout_len", "tokens_per_s", "step_time", "lr",
          "heldout_cer_zh", "heldout_wer_en")
 
@@ -146,15 +155,14 @@ class Trainer:
         self.preempted = False
         signal.signal(signal.SIGUSR1, self._on_usr1)
         init_parallel(cfg.parallel)
-        on_gpu = torch.cuda.is_available()
-        self.dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32,
-                      "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+        self.dtype = run_dtype(cfg)
         self.dev = device()
         # "student" is the model this run trains, whichever family (the demo's teacher SFT
         # trains a Qwen3-ASR model); its prompts follow its family's template
-        self.student, self.sp = build_model(cfg.student, self.dtype)
-        if cfg.student.checkpoint:
-            checkpoint.load(cfg.student.checkpoint, self.student)
+        self.student, self.sp = build_model(cfg.student, self.dtype,
+                                            ctc_head=cfg.sft.ctc_weight > 0)
+        if cfg.student.checkpoint:  # a CTC head the checkpoint lacks starts fresh
+            checkpoint.load(cfg.student.checkpoint, self.student, optional=("ctc_head.",))
         self.teacher = self.tp_ = None
         if cfg.stage in ("td", "opd"):
             teacher_cfg = cfg.teacher
@@ -184,23 +192,25 @@ class Trainer:
 
     def _train_cuts(self) -> CutSet:
         cfg = self.cfg
-        manifest = cfg.data.train
-        if cfg.stage == "td":
-            manifest = self._teacher_transcripts()
+        manifest, subset = cfg.data.train, cfg.data.subset
+        if cfg.stage == "td":  # the teacher transcribes the subset only: take all it wrote
+            manifest, subset = self._teacher_transcripts(), 1.0
         policy = LoadPolicy(skip_bad=cfg.data.skip_bad, max_skip_fraction=cfg.data.max_skip_fraction,
                             max_duration=cfg.data.max_duration)
         cuts, report = load_manifest(manifest, policy)
         if report.skipped and self.is_writer:
             print(report.summary())
-        return CutSet.from_cuts(spread_subset(list(cuts), cfg.data.subset))
+        return CutSet.from_cuts(spread_subset(list(cuts), subset))
 
     def _teacher_transcripts(self) -> str:
-        """TD: the teacher transcribes the training audio, written as a manifest."""
+        """TD: the teacher transcribes the training audio (data.subset of it), written as a
+        manifest."""
         cfg = self.cfg
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
         if os.path.isfile(out):
             return out  # already made by this run before a restart
         cuts, _ = load_manifest(cfg.data.train)
+        cuts = CutSet.from_cuts(spread_subset(list(cuts), cfg.data.subset))
         blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size,
                               cfg.opd.blocked_from)
         texts = transcribe(self.teacher, self.tp_, cuts, blocked,
@@ -267,7 +277,9 @@ class Trainer:
                 print(f"resumed from {found} at step {step}")
         cuts = self._train_cuts()
         loader = iter(self._loader(cuts, epoch, consumed))
-        opd = None
+        opd = ctc = None
+        if cfg.sft.ctc_weight:
+            ctc = JointCTC(cfg.sft.ctc_weight, self.sp.encode)
         if cfg.stage == "opd":
             blocked = blocked_ids(self.sp, self.student.cfg.decoder.vocab_size,
                                   cfg.opd.blocked_from).to(self.dev)
@@ -288,7 +300,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            metrics = opd(batch) if opd else sft_step(self.ddp, batch)
+            metrics = opd(batch) if opd else sft_step(self.ddp, batch, ctc)
             finite = self._all_finite(metrics.get("loss"))
             step += 1
             if not finite:
