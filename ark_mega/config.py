@@ -138,11 +138,13 @@ def _build(cls, data: dict, where: str):
         raise KeyError(f"unknown config key {where + unknown[0]!r}; known here: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, where + key)
+        kwargs[key] = coerce(hints[key], value, where + key)
     return cls(**kwargs)
 
 
-def _coerce(hint, value, where):
+def coerce(hint, value, where: str):
+    """`value` as type `hint` (dataclasses built from mappings; YAML's string floats such as
+    1e-05 read as floats), or a TypeError naming the key `where`."""
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     options = typing.get_args(hint) if is_union else (hint,)
     if value is None and type(None) in options:

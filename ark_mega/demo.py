@@ -1,14 +1,15 @@
-"""The CPU demo of the three-stage recipe on the bilingual demo corpus.
+"""The CPU demo: the paper's rows on the bilingual demo corpus, from shipped models.
 
-teacher SFT (whole train split) -> student SFT on part of it (Ark-Base) -> TD (the teacher
-transcribes the train split; the student is fine-tuned on those transcripts) -> OPD, with CER
-(Mandarin) / WER (English) on the held-out split after each stage and the VUSS of OPD. Settings
-come from examples/configs/demo.yaml; `key=value` overrides apply to every stage.
+A teacher (Qwen3-ASR family) and Ark-Base (Ark-ASR family, trained by SFT on 30% of the train
+split) arrive as Hugging Face folders (examples/models/, trained offline: docs/training.md) and
+are imported the way downloaded checkpoints are. Then, from Ark-Base: OPD on the train audio,
+TD (fine-tuning on the teacher's transcripts of it), and TD followed by OPD. Every row gets CER
+(Mandarin) / WER (English) on the held-out split; the OPD rows also their VUSS. Settings come
+from examples/configs/demo.yaml; `key=value` overrides apply to every training stage.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -16,9 +17,12 @@ import time
 import torch.distributed as dist
 import yaml
 
+from . import checkpoint
 from .config import load_config
-from .data import train_bpe_tokenizer
 from .plots import plot_run
+
+# the preset a shipped model's own config (model.json) is laid over, by family
+FAMILY_PRESETS = {"ark_asr": "tiny_ark_asr", "qwen3_asr": "tiny_qwen3_asr"}
 
 
 def _stage_overrides(spec: dict, prefix: str = "") -> list[str]:
@@ -31,79 +35,78 @@ def _stage_overrides(spec: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def make_tokenizer(path: str, train: str, vocab: int) -> None:
-    """Train the demo's BPE tokenizer on the train transcripts (rank 0), once."""
-    if dist.get_rank() == 0 and not os.path.isfile(path):
-        with open(train, encoding="utf-8") as f:
-            texts = [json.loads(line)["text"] for line in f if line.strip()]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        train_bpe_tokenizer(texts, vocab).save(path)
-    dist.barrier()
+def import_hf(folder: str, out: str) -> dict:
+    """Import a Hugging Face folder as a megatron checkpoint `out` (every rank takes part; once)
+    with its tokenizer in `out/tokenizer`; return the run config of the model it holds."""
+    if checkpoint.latest_checkpoint(out) is None:
+        from .convert.hf_folder import copy_tokenizer, load_hf_model
+
+        model, _ = load_hf_model(folder)
+        checkpoint.save(out, 0, model)
+        if dist.get_rank() == 0:
+            os.makedirs(os.path.join(out, "tokenizer"), exist_ok=True)
+            copy_tokenizer(folder, os.path.join(out, "tokenizer"))
+        dist.barrier()
+    return checkpoint_spec(out)
 
 
-def model_spec(demo: dict, name: str, tokenizer: str, checkpoint: str | None = None) -> dict:
-    """The run config of demo.yaml's model `name` ("teacher" / "student"): its preset and
-    overrides at the demo's vocabulary size, the tokenizer, and the initial weights if any."""
-    spec = copy.deepcopy(demo[name])
-    spec["overrides"]["decoder.vocab_size"] = demo["vocab_size"]
-    spec["tokenizer"] = tokenizer
-    if checkpoint:
-        spec["checkpoint"] = checkpoint
-    return spec
+def checkpoint_spec(path: str) -> dict:
+    """The run config (`student:` / `teacher:`) of the model in a checkpoint folder: its
+    family's preset with every field of the saved config as an override, the weights and the
+    tokenizer beside them."""
+    cfg = checkpoint.model_config(path).to_dict()
+    overrides = {f"{part}.{k}": v for part in ("encoder", "decoder") for k, v in cfg[part].items()}
+    tokenizer = os.path.join(path, "tokenizer")
+    return {"preset": FAMILY_PRESETS[cfg["family"]], "overrides": overrides,
+            "checkpoint": path, "tokenizer": tokenizer if os.path.isdir(tokenizer) else None}
 
 
 def run_demo(config_path: str, overrides: list[str]) -> list[dict]:
     from .distributed import ParallelConfig, init_parallel
-    from .opd.trainer import Trainer, evaluate
+    from .opd.trainer import Trainer, build_model, evaluate, run_dtype
 
     with open(config_path, encoding="utf-8") as f:
         demo = yaml.safe_load(f)
     out = demo["output_dir"]
     init_parallel(ParallelConfig(**demo["parallel"]))
-    tok = os.path.join(out, "tokenizer.json")
-    make_tokenizer(tok, "examples/data/train.jsonl", demo["tokenizer_vocab"])
-
-    def model(name, checkpoint=None):
-        return model_spec(demo, name, tok, checkpoint)
-
-    def config(stage, name, student, teacher=None, subset=1.0):
-        tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name),
-                "student": student, "parallel": demo["parallel"],
-                "data": {**demo["data"], "subset": subset}, "save_every": 10**9, "keep_last": 1,
-                "opd": {"generation": {"max_new_tokens": demo["max_new_tokens"]}}}
-        if teacher:
-            tree["teacher"] = teacher
-        base = _stage_overrides(tree) + _stage_overrides(demo["stages"][name])
-        return load_config(None, base + list(overrides))
-
-    def final(name):
-        return os.path.join(out, name, "checkpoints")  # its newest checkpoint
-
     table, t0 = [], time.time()
+    teacher = import_hf(demo["teacher"], os.path.join(out, "imported", "teacher"))
+    base = import_hf(demo["student"], os.path.join(out, "imported", "ark_base"))
 
-    def report(row, trainer_or_model, prompts=None, cfg=None, extra=None):
-        if prompts is None:
-            rates = trainer_or_model.evaluate()
-        else:
-            rates = evaluate(trainer_or_model, prompts, cfg.data.heldout, cfg)
+    def config(stage, name, student, teacher_spec=None):
+        tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name),
+                "student": student, "parallel": demo["parallel"], "data": dict(demo["data"]),
+                "save_every": 10**9, "keep_last": 1,
+                "opd": {"generation": {"max_new_tokens": demo["max_new_tokens"]}}}
+        if teacher_spec:
+            tree["teacher"] = teacher_spec
+        base_overrides = _stage_overrides(tree) + _stage_overrides(demo["stages"].get(name, {}))
+        return load_config(None, base_overrides + list(overrides))
+
+    def report(row, rates, extra=None):
         table.append({"model": row, **rates, **(extra or {}), "minutes": (time.time() - t0) / 60})
         if dist.get_rank() == 0:
             print(f"== {row}: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()), flush=True)
 
+    for row, spec in (("teacher (imported)", teacher), ("Ark-Base (imported)", base)):
+        cfg = config("sft", "eval", spec)
+        model, prompts = build_model(cfg.student, run_dtype(cfg))
+        checkpoint.load(spec["checkpoint"], model)
+        report(row, evaluate(model.eval(), prompts, cfg.data.heldout, cfg))
+        del model
+
+    def final(name):
+        return {**base, "checkpoint": os.path.join(out, name, "checkpoints")}  # its newest
+
     stages = [
-        ("teacher (SFT, all train)", config("sft", "teacher_sft", model("teacher"))),
-        ("Ark-Base (student SFT, 30% of train)",
-         config("sft", "student_sft", model("student"), subset=demo["student_subset"])),
-        ("Ark-Base + TD", config("td", "td", model("student", final("student_sft")),
-                                 model("teacher", final("teacher_sft")))),
-        ("Ark-Base + TD + OPD", config("opd", "opd", model("student", final("td")),
-                                       model("teacher", final("teacher_sft")))),
+        ("Ark-Base + OPD", config("opd", "opd_base", base, teacher)),
+        ("Ark-Base + TD", config("td", "td", base, teacher)),
+        ("Ark-Base + TD + OPD", config("opd", "opd_td", final("td"), teacher)),
     ]
     for row, cfg in stages:
         trainer = Trainer(cfg)
         last = trainer.run()
-        extra = {"vuss": last.get("vuss")} if cfg.stage == "opd" else None
-        report(row, trainer, extra=extra)
+        report(row, trainer.evaluate(), {"vuss": last.get("vuss")} if cfg.stage == "opd" else None)
         del trainer
     if dist.get_rank() == 0:
         print_table(table)

@@ -158,6 +158,20 @@ def test_config_errors_name_the_key():
     assert cfg.optim.lr == 2e-6 and cfg.parallel.tensor_parallel == 2 and cfg.opd.top_k == 32
 
 
+def test_model_overrides_take_the_field_type_or_name_the_field(single_rank, tok_file):
+    from ark_mega.config import ModelConfig
+    from ark_mega.opd.trainer import build_model
+
+    base = {"decoder.vocab_size": VOCAB, "encoder.num_mel_bins": 128}
+    # YAML reads 1e-05 (no dot) as a string: a float field takes it as the float
+    m, _ = build_model(ModelConfig("tiny_ark_asr", {**base, "encoder.layernorm_eps": "1e-05"},
+                                   tokenizer=tok_file), torch.float32)
+    assert m.cfg.encoder.layernorm_eps == 1e-5
+    with pytest.raises(TypeError, match="model override decoder.num_layers"):
+        build_model(ModelConfig("tiny_ark_asr", {**base, "decoder.num_layers": "two"},
+                                tokenizer=tok_file), torch.float32)
+
+
 def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
     (tmp_path / "step_000004").mkdir()
     (tmp_path / "step_000004" / "metadata.json").write_text("{}")

@@ -5,6 +5,7 @@ demo's models on the demo data.
                                                     # distributed optimizer; the CPU: the same
                                                     # settings over gloo
 
+The models are those of the demo's offline training configs, from scratch:
 teacher SFT (2 steps, saved) -> student SFT: 2 steps saved, then resumed for a 3rd (model,
 optimizer, scheduler, RNG and data position loaded) -> TD (the teacher transcribes a few
 utterances; 1 step) -> OPD (3 steps, from a fresh student). Every stage must give finite losses, and OPD non-empty
@@ -40,19 +41,19 @@ def main() -> int:
     import torch.distributed as dist
 
     from ark_mega.config import load_config
-    from ark_mega.demo import make_tokenizer, model_spec
     from ark_mega.distributed import ParallelConfig, init_parallel
     from ark_mega.opd.trainer import Trainer
 
     init_parallel(ParallelConfig())
-    with open(os.path.join("examples", "configs", "demo.yaml"), encoding="utf-8") as f:
-        demo = yaml.safe_load(f)
-    tok = os.path.join(out, "tokenizer.json")
-    make_tokenizer(tok, os.path.join("examples", "data", "train.jsonl"), demo["tokenizer_vocab"])
     td_manifest = os.path.join(out, "td_manifest.jsonl")
 
     def model(name, checkpoint=None):
-        return model_spec(demo, name, tok, checkpoint)
+        """The demo's models as trained offline (examples/configs/demo_teacher.yaml,
+        demo_ark_base.yaml), fresh or from `checkpoint`."""
+        file = {"teacher": "demo_teacher.yaml", "student": "demo_ark_base.yaml"}[name]
+        with open(os.path.join("examples", "configs", file), encoding="utf-8") as f:
+            spec = yaml.safe_load(f)["student"]
+        return {**spec, "checkpoint": checkpoint} if checkpoint else spec
 
     def run(name, stage, steps, student, teacher=None, **extra):
         tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name), "steps": steps,

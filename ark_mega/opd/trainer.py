@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import typing
 
 import psutil
 import torch
@@ -29,7 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from .. import checkpoint
-from ..config import ModelConfig, OptimConfig, RunConfig, to_dict
+from ..config import ModelConfig, OptimConfig, RunConfig, coerce, to_dict
 from ..data import Collator, CutBatches, LoadPolicy, PromptBuilder, TokenBudgetSampler, TokenCounter
 from ..data import load_manifest, load_tokenizer, spread_subset
 from ..distributed import device, init_parallel
@@ -61,7 +62,8 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype,
             node = getattr(node, part)
         if not hasattr(node, last):
             raise KeyError(f"model override {dotted!r}: no such field in preset {mcfg.preset}")
-        setattr(node, last, value)
+        hint = typing.get_type_hints(type(node))[last]
+        setattr(node, last, coerce(hint, value, f"model override {dotted}"))
     tokenizer = load_tokenizer(mcfg.tokenizer)
     prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
                else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
