@@ -39,3 +39,15 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many SLURM tests ran: they skip without the SLURM packages, and CI should show it."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "test_slurm.py" in getattr(report, "nodeid", "") and report.when in ("call", "setup"):
+                if outcome != "passed" or report.when == "call":
+                    counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_line("SLURM tests: " + ", ".join(f"{n} {k}" for k, n in counts.items()))

@@ -68,15 +68,17 @@ def log_of(job):
     return open(os.path.join(ROOT, "logs", f"{name}-{job_id}.out")).read()
 
 
-def test_dry_run_prints_the_launch_command(cluster, config):
+@pytest.mark.parametrize("job_id,master_port,port", [("42", "", 20042), ("20043", "", 20043),
+                                                      ("42", "29511", 29511)])
+def test_dry_run_prints_the_launch_command(cluster, config, job_id, master_port, port):
     proc = cluster.run("bash", "slurm/opd.sbatch", "--config", str(config), cwd=ROOT,
                        env={"DRY_RUN": "1", "SLURM_JOB_NODELIST": cluster.host,
-                            "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "42",
-                            "NPROC_PER_NODE": "8"})
+                            "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": job_id,
+                            "NPROC_PER_NODE": "8", "MASTER_PORT": master_port})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (
+    assert proc.stdout.strip() == (  # the port follows the job id unless MASTER_PORT is set
         f"{cluster.host}: python3 -m torch.distributed.run --nnodes 1 --nproc_per_node 8 "
-        f"--rdzv_backend c10d --rdzv_endpoint {cluster.host}:29500 --rdzv_id 42 "
+        f"--rdzv_backend c10d --rdzv_endpoint {cluster.host}:{port} --rdzv_id {job_id} "
         f"examples/train_opd.py --config {config}")
 
 
