@@ -61,13 +61,13 @@ def checkpoint_spec(path: str) -> dict:
             "checkpoint": path, "tokenizer": tokenizer if os.path.isdir(tokenizer) else None}
 
 
-def run_demo(config_path: str, overrides: list[str]) -> list[dict]:
+def run_demo(config_path: str, overrides: list[str], out: str | None = None) -> list[dict]:
     from .distributed import ParallelConfig, init_parallel
     from .opd.trainer import Trainer, build_model, evaluate, run_dtype
 
     with open(config_path, encoding="utf-8") as f:
         demo = yaml.safe_load(f)
-    out = demo["output_dir"]
+    out = out or demo["output_dir"]
     init_parallel(ParallelConfig(**demo["parallel"]))
     table, t0 = [], time.time()
     teacher = import_hf(demo["teacher"], os.path.join(out, "imported", "teacher"))

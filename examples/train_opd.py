@@ -1,10 +1,11 @@
 """Train with ark_mega: the three-stage recipe's stages, or the CPU demo.
 
     torchrun --nproc_per_node 2 examples/train_opd.py                     # the CPU demo
+    torchrun --nproc_per_node 2 examples/train_opd.py --out runs/demo_seed1 seed=1
     torchrun --nproc_per_node 8 examples/train_opd.py --config examples/configs/ark_asr_opd.yaml \
         student.checkpoint=ckpt/ark_base teacher.checkpoint=ckpt/qwen3_asr_1p7b steps=2000
 
-Overrides are `dotted.key=value` (YAML values). A run resumes from the newest checkpoint in
+Overrides are `dotted.key=value` (YAML values; for the demo they apply to every stage). A run resumes from the newest checkpoint in
 its output_dir. With a config, the held-out manifest (data.heldout) is evaluated at the end.
 """
 
@@ -22,13 +23,19 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="run config (YAML); without it, the CPU demo runs")
+    ap.add_argument("--out", help="the demo's output folder (default: demo.yaml's, runs/demo); "
+                                  "a stage finished there is not trained again")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = ap.parse_args()
+    if args.out and args.config:
+        ap.error("--out is the demo's; a run config names its own output_dir")
+    if args.out:
+        args.out = os.path.abspath(args.out)  # relative to the caller's folder
     os.chdir(ROOT)  # manifests and configs are given relative to the repository
     if args.config is None:
         from ark_mega.demo import run_demo
 
-        run_demo(os.path.join("examples", "configs", "demo.yaml"), args.overrides)
+        run_demo(os.path.join("examples", "configs", "demo.yaml"), args.overrides, out=args.out)
         return 0
     from ark_mega.config import load_config
     from ark_mega.opd.trainer import PREEMPTED_EXIT_CODE, Trainer
