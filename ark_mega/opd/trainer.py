@@ -105,16 +105,23 @@ def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: i
 class MetricsLog:
     """Per-step metrics to stdout (with progress), a JSONL file and TensorBoard; one writer."""
 
-    def __init__(self, out_dir: str, name: str, total_steps: int, writer: bool):
+    def __init__(self, out_dir: str, name: str, total_steps: int, writer: bool,
+                 resumed_at: int = 0):
+        """`resumed_at`: the step of the checkpoint this run resumed from; what an earlier run
+        logged after it (it stopped before its next checkpoint) is dropped, so that every step
+        is logged once."""
         self.writer, self.total, self.t0 = writer, total_steps, time.perf_counter()
         self.file = self.tb = None
         if writer:
             os.makedirs(out_dir, exist_ok=True)
-            self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            _truncate_metrics(path, resumed_at)
+            self.file = open(path, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                        purge_step=resumed_at + 1 if resumed_at else None)
             except ImportError:
                 print("tensorboard is not installed: metrics go to metrics.jsonl only")
         self.name = name
@@ -140,6 +147,20 @@ class MetricsLog:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the records of steps <= `last_step` (a run starting afresh, at 0, keeps none)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 SHOWN = ("loss", "ce_loss", "ctc_loss", "vuss", "teacher_mass", "top1_agree", "positions", "rollout_nonempty",
@@ -291,7 +312,7 @@ class Trainer:
                 print(f"token map: {'identity' if tmap.identity else 'by token string'}, "
                       f"coverage {100 * tmap.coverage:.1f}%")
             opd = OPDStep(self.ddp, self.teacher, self.sp, self.tp_, tmap, cfg.opd, blocked)
-        log = MetricsLog(cfg.output_dir, cfg.name, cfg.steps, self.is_writer)
+        log = MetricsLog(cfg.output_dir, cfg.name, cfg.steps, self.is_writer, resumed_at=step)
         if self.is_writer:
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
                 json.dump(to_dict(cfg), f, indent=1, default=str)
