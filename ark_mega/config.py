@@ -73,6 +73,15 @@ class OPDSettings:
     blocked_from: int | None = None  # ids >= this are never generated (151670 for Ark-ASR)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
+    def __post_init__(self):
+        # one distillation width: the rollout keeps the student's top-k for the union
+        if self.generation.top_k is None:
+            self.generation.top_k = self.top_k
+        elif self.generation.top_k != self.top_k:
+            raise ValueError(f"opd.generation.top_k ({self.generation.top_k}) differs from "
+                             f"opd.top_k ({self.top_k}): the rollout's top-k is the student's "
+                             f"side of the union; set opd.top_k only")
+
 
 @dataclass
 class SFTSettings:

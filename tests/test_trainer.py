@@ -157,6 +157,10 @@ def test_config_errors_name_the_key():
         load_config(None, ["stage=sft", "optim.lr=0.01", "optim.min_lr=0.1"])
     with pytest.raises(ValueError, match="needs a teacher"):
         load_config(None, ["stage=opd"])
+    # one distillation width: the rollout's top-k follows opd.top_k, and may not differ from it
+    assert load_config(None, ["stage=sft", "opd.top_k=8"]).opd.generation.top_k == 8
+    with pytest.raises(ValueError, match=r"opd.generation.top_k \(16\) differs from opd.top_k \(8\)"):
+        load_config(None, ["stage=sft", "opd.top_k=8", "opd.generation.top_k=16"])
     cfg = load_config(os.path.join(ROOT, "examples", "configs", "ark_asr_opd.yaml"),
                       ["optim.lr=2e-6", "parallel.tensor_parallel=2"])
     assert cfg.optim.lr == 2e-6 and cfg.parallel.tensor_parallel == 2 and cfg.opd.top_k == 32

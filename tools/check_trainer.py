@@ -60,7 +60,7 @@ def main() -> int:
                 "student": student, "dtype": "bf16", "optim": {"lr": 1e-3, "distributed": True},
                 "data": {"max_tokens": 2500, "num_workers": 0, "subset": 0.1},
                 "save_every": 2, "log_every": 1, "td_manifest": td_manifest,
-                "opd": {"top_k": 8, "generation": {"max_new_tokens": 24, "top_k": 8}}, **extra}
+                "opd": {"top_k": 8, "generation": {"max_new_tokens": 24}}, **extra}
         if teacher:
             tree["teacher"] = teacher
         overrides = [f"{k}={json.dumps(v)}" for k, v in tree.items()]

@@ -28,7 +28,9 @@ class GenerationConfig:
     greedy: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 32  # candidates kept per step (the student top-k of the OPD union)
+    # candidates kept per step: the student top-k of the OPD union (in a run config it follows
+    # opd.top_k; None there), and the sampling pool
+    top_k: int | None = None
     seed: int = 0
 
 
@@ -88,6 +90,8 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
              pad_id: int = 0) -> Rollout:
     """Generate up to `cfg.max_new_tokens` after each prompt. Every rank of the model's
     pipeline calls this with the same prompts; `blocked` is a bool [V] of ids never generated."""
+    if cfg.top_k is None:
+        raise ValueError("GenerationConfig.top_k is unset (a run config sets it to opd.top_k)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
