@@ -173,6 +173,35 @@ def test_clear_errors(single_rank, glmasr_folder, tmp_path):
     llama["text_config"]["model_type"] = "llama"
     with pytest.raises(UnsupportedConfig, match="only Qwen2 \\(QKV bias\\) text models"):
         ok("import", folder("llama", tensors, llama), tmp_path / "x4")
+    nan = dict(tensors)
+    nan["audio_tower.conv1.weight"] = nan["audio_tower.conv1.weight"].clone()
+    nan["audio_tower.conv1.weight"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="tensor 'audio_tower.conv1.weight' has non-finite values"):
+        ok("import", folder("nan", nan, config), tmp_path / "x5")
+    cut = folder("truncated", tensors, config)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated/model.safetensors"):
+        ok("import", cut, tmp_path / "x6")
+
+
+def test_conversions_never_write_over_an_earlier_one_unless_asked(single_rank, glmasr_folder):
+    d, _ = glmasr_folder
+    ok("import", d / "hf", d / "ow_ck")
+    with pytest.raises(FileExistsError, match="already holds a checkpoint .*--overwrite"):
+        ok("import", d / "hf", d / "ow_ck")
+    ok("import", d / "hf", d / "ow_ck", "--overwrite")
+    # an earlier export in shards: a new single-file export with --overwrite leaves no stale shard
+    ok("export", d / "ow_ck", d / "ow_hf", "--layout", "glmasr", "--tokenizer", d / "hf",
+       "--max-shard-gb", "0.0001")
+    assert (d / "ow_hf" / "model.safetensors.index.json").is_file()
+    (d / "ow_hf" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already holds an export"):
+        ok("export", d / "ow_ck", d / "ow_hf", "--layout", "glmasr", "--tokenizer", d / "hf")
+    ok("export", d / "ow_ck", d / "ow_hf", "--layout", "glmasr", "--tokenizer", d / "hf", "--overwrite")
+    left = sorted(os.listdir(d / "ow_hf"))
+    assert not [n for n in left if n.startswith("model-") or n.endswith(".index.json")], left
+    assert "model.safetensors" in left and "notes.txt" in left  # not ours: kept
 
 
 def test_qwen3_asr_export_loads_in_transformers_with_our_logits(tmp_path, single_rank):

@@ -65,7 +65,7 @@ class LazyTensors(Mapping):
                 raise FileNotFoundError(f"{folder}: no .safetensors files")
             self.where = {}
             for name in files:
-                with safe_open(os.path.join(folder, name), "pt") as f:
+                with _opened(os.path.join(folder, name)) as f:
                     self.where.update({k: os.path.join(folder, name) for k in f.keys()})
         self.stored = {memory_name(layout, k): k for k in self.where}
         self.where = {memory_name(layout, k): v for k, v in self.where.items()}
@@ -74,14 +74,38 @@ class LazyTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self.where[name]
         if path not in self._open:
-            self._open[path] = safe_open(path, "pt")
-        return self._open[path].get_tensor(self.stored[name])
+            self._open[path] = _opened(path)
+        try:
+            tensor = self._open[path].get_tensor(self.stored[name])
+        except Exception as e:  # a truncated file fails here, naming neither file nor tensor
+            raise ValueError(f"{path}: cannot read tensor {self.stored[name]!r}: {e}") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {self.stored[name]!r} has non-finite values "
+                             f"(NaN or inf): a corrupted file?")
+        return tensor
 
     def __iter__(self):
         return iter(self.where)
 
     def __len__(self):
         return len(self.where)
+
+
+def _opened(path: str):
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def written_files(folder: str) -> list[str]:
+    """The weight files an export wrote to `folder`: model.safetensors, or the index and the
+    shards it names."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [index] + sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+    return [os.path.join(folder, "model.safetensors")]
 
 
 def write_tensors(folder: str, tensors: Iterator[tuple[str, torch.Tensor]],
