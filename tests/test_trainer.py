@@ -180,6 +180,23 @@ def test_model_overrides_take_the_field_type_or_name_the_field(single_rank, tok_
                                 tokenizer=tok_file), torch.float32)
 
 
+def test_inputs_are_checked_before_the_first_step(single_rank, tmp_path, tok_file, monkeypatch):
+    from ark_mega.opd import trainer as trainer_module
+
+    def cfg(**extra):
+        return load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "run", steps=2, **extra))
+
+    with pytest.raises(FileNotFoundError, match="data.heldout: .*nowhere.jsonl does not exist"):
+        trainer_module.Trainer(cfg(**{"data.heldout": str(tmp_path / "nowhere.jsonl")}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="output_dir: cannot write to"):
+        trainer_module.Trainer(cfg(output_dir=str(tmp_path / "file" / "run")))
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match="has 0.0 GiB free, one checkpoint needs about"):
+        trainer_module.Trainer(cfg())
+
+
 def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
     (tmp_path / "step_000004").mkdir()
     (tmp_path / "step_000004" / "metadata.json").write_text("{}")

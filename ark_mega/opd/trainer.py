@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import typing
@@ -100,6 +101,34 @@ def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: i
         lr_decay_style=o.schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=max(steps, 1), wd_incr_style="constant")
     return ddp, optimizer, scheduler
+
+
+# bytes per parameter of one checkpoint: weights, fp32 main copy and Adam's two moments (bf16);
+# an upper bound for fp32 training (weights + moments)
+CHECKPOINT_BYTES_PER_PARAM = 2 + 4 + 8
+
+
+def check_inputs(cfg: RunConfig, model: AudioLM) -> None:
+    """Before the first step: the manifests exist, the output folder is writable and its disk
+    has room for one checkpoint (every rank checks; a failure names the setting and path)."""
+    for key, path in (("data.train", cfg.data.train), ("data.heldout", cfg.data.heldout)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{key}: {path} does not exist")
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        probe = os.path.join(cfg.output_dir, f".write_probe_{dist.get_rank()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"output_dir: cannot write to {cfg.output_dir} ({e.strerror})") from None
+    params = sum(p.numel() for p in model.parameters())
+    layout = ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+    need = params * layout * CHECKPOINT_BYTES_PER_PARAM
+    free = shutil.disk_usage(cfg.output_dir).free
+    if free < need:
+        raise OSError(f"output_dir: {cfg.output_dir} has {free / 2**30:.1f} GiB free, one "
+                      f"checkpoint needs about {need / 2**30:.1f} GiB")
 
 
 class MetricsLog:
@@ -199,6 +228,7 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        check_inputs(cfg, self.student)
         self.is_writer = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                           and ps.get_data_parallel_rank() == 0)
         if self.is_writer:
