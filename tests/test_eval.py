@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import soundfile as sf
 
 from ark_mega.eval import error_rate, normalize, summarize, tables, utterance_rows
 
@@ -89,3 +90,17 @@ def test_transcribe_and_evaluate_tools(single_rank, tmp_path):
     assert "hyp" in stdout and (tmp_path / "ev" / "summary.md").is_file()
     scored = [json.loads(line) for line in open(tmp_path / "ev" / "hyp.jsonl", encoding="utf-8")]
     assert [s["errors"] for s in scored] == sorted((s["errors"] for s in scored), reverse=True)
+
+    # audio files with a broken one and one over --max-duration: named, or skipped and listed
+    good = [r["audio"] for r in rows[:2]]
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not audio")
+    files = [good[0], tmp_path / "broken.wav", good[1]]
+    proc = subprocess.run([sys.executable, "tools/transcribe.py", "--model", tmp_path / "hf",
+                           *files, "--out", tmp_path / "f.jsonl"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "broken.wav" in proc.stderr
+    stdout = run("transcribe.py", "--model", tmp_path / "hf", *files, "--out", tmp_path / "f.jsonl",
+                 "--skip-bad", "--max-duration", "1.5", "--max-new-tokens", "3")
+    kept = [json.loads(line)["audio"] for line in open(tmp_path / "f.jsonl", encoding="utf-8")]
+    short = [g for g in good if sf.info(g).duration <= 1.5]
+    assert kept == short and f"{len(files) - len(short)} skipped" in stdout

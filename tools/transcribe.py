@@ -6,6 +6,8 @@
 Batched greedy decoding with a KV cache (the generation code of the OPD rollouts), blocked
 special tokens, a progress bar, and JSONL output: id, audio, text, duration, real-time factor
 of its batch (decode seconds / audio seconds), and the manifest's reference when it has one.
+A bad file (unreadable, silent, longer than --max-duration) stops the run with its name, or
+with --skip-bad is listed on stderr and left out while the rest are transcribed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-tokens", type=int, default=8192, help="decoder tokens per batch")
     ap.add_argument("--blocked-from", type=int, default=None, help="never generate ids >= this")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip unreadable, silent or too long audio (listed), transcribe the rest")
+    ap.add_argument("--max-duration", type=float, default=30.0, help="seconds per utterance")
     args = ap.parse_args()
     if bool(args.audio) == bool(args.manifest):
         ap.error("give audio files or --manifest, not both")
@@ -40,8 +45,12 @@ def main() -> int:
 
     init_parallel(ParallelConfig())
     model, prompts = load_model(args.model, args.tokenizer)
-    policy = LoadPolicy(require_text=False)
-    cuts = load_manifest(args.manifest, policy)[0] if args.manifest else audio_files(args.audio, policy)
+    policy = LoadPolicy(require_text=False, skip_bad=args.skip_bad, max_skip_fraction=1.0,
+                        max_duration=args.max_duration)
+    cuts, skipped = (load_manifest(args.manifest, policy) if args.manifest
+                     else audio_files(args.audio, policy))
+    for err in skipped.errors:
+        print(f"skipped: {err}", file=sys.stderr)
     by_id = {c.id: c for c in cuts}
     rtf = {}
     with tqdm(total=len(by_id), unit=" utt", desc="transcribing") as bar:
@@ -64,7 +73,8 @@ def main() -> int:
                 row["language"] = sup.language
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     total_rtf = sum(rtf[i] * by_id[i].duration for i in by_id) / sum(c.duration for c in by_id.values())
-    print(f"{len(by_id)} utterances -> {args.out} (real-time factor {total_rtf:.3f})")
+    print(f"{len(by_id)} utterances -> {args.out} (real-time factor {total_rtf:.3f})"
+          + (f"; {len(skipped.errors)} skipped" if skipped.errors else ""))
     return 0
 
 

@@ -101,9 +101,11 @@ class TokenBudgetSampler(DynamicBucketingSampler):
         lengths = [count(c) for c in cuts]  # one pass over the cuts
         if not lengths:
             raise ValueError("no cuts to sample from")
+        # lhotse estimates bucket edges from two cuts at least: one cut gets its edge given
+        bins = [float(lengths[0])] if len(lengths) == 1 else None
         super().__init__(cuts, constraint=budget, num_buckets=min(num_buckets, len(lengths)),
-                         shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                         drop_last=drop_last)
+                         duration_bins=bins, shuffle=shuffle, seed=seed, rank=rank,
+                         world_size=world_size, drop_last=drop_last)
         budget.bins = list(self.duration_bins)
         budget.longest = max(lengths)
 

@@ -55,10 +55,12 @@ class SkipReport:
     total: int = 0
     skipped: Counter = field(default_factory=Counter)
     first_error: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)  # every skipped record's error, in order
 
     def add(self, err: ManifestError) -> None:
         self.skipped[err.kind] += 1
         self.first_error.setdefault(err.kind, str(err))
+        self.errors.append(err)
 
     @property
     def fraction(self) -> float:
@@ -311,21 +313,27 @@ def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
     return cut
 
 
-def audio_files(paths: list[str], policy: LoadPolicy | None = None) -> CutSet:
-    """Cuts of whole audio files (no transcript), checked like manifest records."""
+def audio_files(paths: list[str], policy: LoadPolicy | None = None) -> tuple[CutSet, SkipReport]:
+    """Cuts of whole audio files (no transcript), checked like manifest records (the
+    command line's n-th file is its "line" n): (cuts, what was skipped)."""
     policy = policy or LoadPolicy()
-    cuts = []
-    for index, path in enumerate(paths, start=1):
-        checks = AudioChecks("<command line>", policy)
-        obj = {"audio": os.path.abspath(path), "text": ""}
-        full = checks.audio_path(index, obj, "audio")
-        info = checks.probe(index, full, "audio")
-        begin, end = checks.segment(index, full, info.frames / info.samplerate, 0.0, None,
-                                    ("begin_time", "end_time"), "audio")
-        checks.samples(index, full, info.samplerate, begin, end, "audio")
-        cuts.append(_make_cut(f"{os.path.basename(path)}:{index}", full, begin, end, "", None,
-                              "<command line>", index))
-    return CutSet.from_cuts(cuts)
+    checks = AudioChecks("<command line>", policy)
+
+    def records():
+        for index, path in enumerate(paths, start=1):
+            try:
+                obj = {"audio": os.path.abspath(path), "text": ""}
+                full = checks.audio_path(index, obj, "audio")
+                info = checks.probe(index, full, "audio")
+                begin, end = checks.segment(index, full, info.frames / info.samplerate, 0.0, None,
+                                            ("begin_time", "end_time"), "audio")
+                checks.samples(index, full, info.samplerate, begin, end, "audio")
+                yield index, _make_cut(f"{os.path.basename(path)}:{index}", full, begin, end, "",
+                                       None, "<command line>", index)
+            except ManifestError as e:
+                yield index, e
+
+    return _collect(records(), policy, "<command line>")
 
 
 def iter_records(path: str, policy: LoadPolicy) -> Iterator[tuple[int, Cut | ManifestError]]:
@@ -356,12 +364,18 @@ def load_manifest(path: str, policy: LoadPolicy | None = None,
                   progress: bool = False) -> tuple[CutSet, SkipReport]:
     """Read and check a whole manifest into memory: (cuts, what was skipped)."""
     policy = policy or LoadPolicy()
-    report, cuts = SkipReport(), []
     records = iter_records(path, policy)
     if progress:
         from tqdm import tqdm
 
         records = tqdm(records, desc=f"checking {os.path.basename(path)}", unit=" records")
+    return _collect(records, policy, path)
+
+
+def _collect(records, policy: LoadPolicy, path: str) -> tuple[CutSet, SkipReport]:
+    """The cuts of (line, cut or error) records; errors raise, or with `skip_bad` are counted
+    up to `max_skip_fraction`."""
+    report, cuts = SkipReport(), []
     for _, item in records:
         report.total += 1
         if isinstance(item, ManifestError):
