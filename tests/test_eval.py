@@ -1,5 +1,6 @@
 """Normalisation, corpus CER / WER against hand-computed cases, reports and the CLI tools."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -104,3 +105,34 @@ def test_transcribe_and_evaluate_tools(single_rank, tmp_path):
     kept = [json.loads(line)["audio"] for line in open(tmp_path / "f.jsonl", encoding="utf-8")]
     short = [g for g in good if sf.info(g).duration <= 1.5]
     assert kept == short and f"{len(files) - len(short)} skipped" in stdout
+
+
+def test_evaluate_reads_hypotheses_strictly_and_joins_references_by_id(tmp_path):
+    spec = importlib.util.spec_from_file_location("evaluate_tool", os.path.join(ROOT, "tools", "evaluate.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def hyp_file(*rows, raw=None):
+        path = tmp_path / "hyp.jsonl"
+        path.write_text("\n".join([json.dumps(r) for r in rows] + ([raw] if raw else [])) + "\n")
+        return str(path)
+
+    a = {"id": "a", "text": "one two", "reference": "one two"}
+    b = {"id": "b", "text": "three", "reference": "four"}
+    assert tool._read_hypotheses(hyp_file(a, b)) == (["a", "b"], ["one two", "four"], ["one two", "three"])
+    with pytest.raises(ValueError, match=r"hyp.jsonl:2: id 'a' repeats line 1"):
+        tool._read_hypotheses(hyp_file(a, a))
+    with pytest.raises(ValueError, match=r"hyp.jsonl:2: field 'id' is missing"):
+        tool._read_hypotheses(hyp_file(a, {"text": "x", "reference": "y"}))
+    with pytest.raises(ValueError, match=r"hyp.jsonl:1: field 'reference' is missing or not a string"):
+        tool._read_hypotheses(hyp_file({**a, "reference": None}))
+    with pytest.raises(ValueError, match=r"hyp.jsonl:2: not JSON \(.* at column 12\)"):
+        tool._read_hypotheses(hyp_file(a, raw='{"id": "c",, "text": "x"}'))
+    # references from a manifest, joined by id: the rows' own are not needed
+    refs = {"a": "one two", "b": "five"}
+    bare = [{"id": r["id"], "text": r["text"]} for r in (a, b)]
+    assert tool._read_hypotheses(hyp_file(*bare), refs)[1] == ["one two", "five"]
+    with pytest.raises(ValueError, match="no hypothesis for 1 reference"):
+        tool._read_hypotheses(hyp_file(bare[0]), refs)
+    with pytest.raises(ValueError, match="id 'z' is not in the reference manifest"):
+        tool._read_hypotheses(hyp_file({"id": "z", "text": ""}), refs)

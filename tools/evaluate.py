@@ -1,6 +1,7 @@
 """Score transcripts by CER (Mandarin) or WER (English), corpus level, with a report.
 
     python tools/evaluate.py --hypotheses hyp.jsonl --metric cer --out-dir runs/eval/aishell1
+    python tools/evaluate.py --hypotheses hyp.jsonl --references test.jsonl --metric cer --out-dir D
     python tools/evaluate.py --model CKPT --manifest test.jsonl --metric wer --out-dir runs/eval/x
     python tools/evaluate.py --model CKPT --data-dir data/ --presets aishell1 libri_clean --out-dir runs/eval
 
@@ -20,18 +21,35 @@ import sys
 import warnings
 
 
-def _read_hypotheses(path: str) -> tuple[list[str], list[str], list[str]]:
-    ids, refs, hyps = [], [], []
+def _read_hypotheses(path: str, references: dict[str, str] | None = None
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """(ids, references, hypotheses) of a transcribe.py JSONL. References come from its rows, or
+    joined by id from `references` (id -> text); every problem names the file and line."""
+    ids, refs, hyps, seen = [], [], [], {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "reference" not in row:
-                raise ValueError(f"{path}:{n}: field 'reference' is missing")
-            ids.append(row["id"])
-            refs.append(row["reference"])
-            hyps.append(row.get("text", ""))
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+            fields = ("id", "text") if references is not None else ("id", "text", "reference")
+            for key in fields:
+                if not isinstance(row.get(key), str):
+                    raise ValueError(f"{path}:{n}: field {key!r} is missing or not a string")
+            cid = row["id"]
+            if cid in seen:
+                raise ValueError(f"{path}:{n}: id {cid!r} repeats line {seen[cid]}")
+            seen[cid] = n
+            if references is not None and cid not in references:
+                raise ValueError(f"{path}:{n}: id {cid!r} is not in the reference manifest")
+            ids.append(cid)
+            refs.append(references[cid] if references is not None else row["reference"])
+            hyps.append(row["text"])
+    if references is not None and len(ids) != len(references):
+        missing = [i for i in references if i not in seen]
+        raise ValueError(f"{path}: no hypothesis for {len(missing)} reference(s), first {missing[0]!r}")
     return ids, refs, hyps
 
 
@@ -42,6 +60,8 @@ def main() -> int:
     src.add_argument("--hypotheses", help="JSONL from tools/transcribe.py (with references)")
     src.add_argument("--manifest", help="a manifest to transcribe with --model and score")
     src.add_argument("--presets", nargs="+", help="preset names (with --data-dir and --model)")
+    ap.add_argument("--references", help="with --hypotheses: a manifest whose texts are the "
+                                         "references, joined by id (default: the rows' own)")
     ap.add_argument("--model", help="megatron checkpoint or HF folder")
     ap.add_argument("--tokenizer")
     ap.add_argument("--data-dir", default=".")
@@ -58,7 +78,13 @@ def main() -> int:
         if not args.metric:
             ap.error("--metric is required with --hypotheses")
         name = os.path.splitext(os.path.basename(args.hypotheses))[0]
-        sets.append((name, args.metric, *_read_hypotheses(args.hypotheses)))
+        references = None
+        if args.references:
+            from ark_mega.data.manifests import LoadPolicy, load_manifest
+
+            cuts, _ = load_manifest(args.references, LoadPolicy(decode_audio=False))
+            references = {c.id: c.supervisions[0].text for c in cuts}
+        sets.append((name, args.metric, *_read_hypotheses(args.hypotheses, references)))
     else:
         if not args.model:
             ap.error("--model is required with --manifest / --presets")
