@@ -175,6 +175,14 @@ def test_model_overrides_take_the_field_type_or_name_the_field(single_rank, tok_
     m, _ = build_model(ModelConfig("tiny_ark_asr", {**base, "encoder.layernorm_eps": "1e-05"},
                                    tokenizer=tok_file), torch.float32)
     assert m.cfg.encoder.layernorm_eps == 1e-5
+    # the command line's student.overrides.decoder.num_layers=2 nests: the same field
+    cfg = load_config(None, ["stage=sft", "student.preset=tiny_ark_asr", f"student.tokenizer={tok_file}",
+                             f"student.overrides={json.dumps(base)}", "student.overrides.decoder.num_layers=1"])
+    m, _ = build_model(cfg.student, torch.float32)
+    assert m.cfg.decoder.num_layers == 1 and m.cfg.decoder.vocab_size == VOCAB
+    with pytest.raises(KeyError, match="model override 'decoder.layers'"):
+        build_model(ModelConfig("tiny_ark_asr", {**base, "decoder": {"layers": 1}},
+                                tokenizer=tok_file), torch.float32)
     with pytest.raises(TypeError, match="model override decoder.num_layers"):
         build_model(ModelConfig("tiny_ark_asr", {**base, "decoder.num_layers": "two"},
                                 tokenizer=tok_file), torch.float32)

@@ -11,6 +11,7 @@ scheduler, RNG and the data position.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -56,15 +57,15 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype,
     if not mcfg.tokenizer:
         raise ValueError(f"model {mcfg.preset}: a tokenizer (tokenizer.json) is required")
     cfg = preset(mcfg.preset)
-    for dotted, value in mcfg.overrides.items():
+    for dotted, value in _flattened(mcfg.overrides):
         node = cfg
         *path, last = dotted.split(".")
-        for part in path:
-            node = getattr(node, part)
-        if not hasattr(node, last):
-            raise KeyError(f"model override {dotted!r}: no such field in preset {mcfg.preset}")
-        hint = typing.get_type_hints(type(node))[last]
-        setattr(node, last, coerce(hint, value, f"model override {dotted}"))
+        for part in path + [last]:
+            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+                raise KeyError(f"model override {dotted!r}: no such field in preset {mcfg.preset}")
+            parent, node = node, getattr(node, part)
+        hint = typing.get_type_hints(type(parent))[last]
+        setattr(parent, last, coerce(hint, value, f"model override {dotted}"))
     tokenizer = load_tokenizer(mcfg.tokenizer)
     prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
                else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
@@ -80,6 +81,16 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype,
     except ValueError as e:
         raise ValueError(f"model {mcfg.preset}: {e}") from None
     return model.to(device()), prompts
+
+
+def _flattened(overrides: dict, prefix: str = ""):
+    """("decoder.num_layers", 2) pairs; a nested mapping (the command line's
+    `student.overrides.decoder.num_layers=2` makes one) names the same fields."""
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            yield from _flattened(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: int):
