@@ -55,4 +55,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":  # required: dist_checkpointing's save starts a spawned process
-    sys.exit(main())
+    from ark_mega.cli import run
+
+    sys.exit(run(main))

@@ -48,6 +48,18 @@ def test_command_line(glmasr_folder):
     assert (d / "ck_cli" / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    def convert(*env):
+        return subprocess.run([sys.executable, "tools/convert_checkpoint.py", "import",
+                               tmp_path / "nowhere", tmp_path / "out"], cwd=ROOT,
+                              capture_output=True, text=True, env={**os.environ, **dict(env)})
+
+    proc = convert()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: {tmp_path / 'nowhere' / 'config.json'}: No such file" in proc.stderr
+    assert "Traceback" in convert(("ARK_DEBUG", "1")).stderr
+
+
 @pytest.fixture(scope="module")
 def glmasr_folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("glmasr")

@@ -79,4 +79,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":  # the model loader may save nothing, but keep the guard for torchrun
-    sys.exit(main())
+    from ark_mega.cli import run
+
+    sys.exit(run(main))

@@ -42,4 +42,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ark_mega.cli import run
+
+    sys.exit(run(main))
