@@ -49,14 +49,15 @@ def batch(sp, n=3):
     return Collator(sp)(CutSet.from_cuts(list(cuts)[:n]))
 
 
-def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallback=False):
+def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallback=False,
+             temperature=1.0):
     s_tok = tokenizer()
     t_tok = teacher_tokenizer or s_tok
     sp, tp = PromptBuilder.student(s_tok), PromptBuilder.teacher(t_tok)
     teacher = model("tiny_qwen3_asr", tp, seed=1, scale=3.0).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    settings = OPDSettings(top_k=top_k, fallback_to_reference=fallback,
+    settings = OPDSettings(top_k=top_k, fallback_to_reference=fallback, temperature=temperature,
                            generation=GenerationConfig(max_new_tokens=max_new_tokens, top_k=top_k))
     step = OPDStep(student, teacher, sp, tp, TokenMap(s_tok, t_tok, VOCAB, VOCAB), settings,
                    blocked_ids(sp, VOCAB))
