@@ -5,8 +5,11 @@
     torchrun --nproc_per_node 8 examples/train_opd.py --config examples/configs/ark_asr_opd.yaml \
         student.checkpoint=ckpt/ark_base teacher.checkpoint=ckpt/qwen3_asr_1p7b steps=2000
 
-Overrides are `dotted.key=value` (YAML values; for the demo they apply to every stage). A run resumes from the newest checkpoint in
-its output_dir. With a config, the held-out manifest (data.heldout) is evaluated at the end.
+Overrides are `dotted.key=value` (YAML values; for the demo they apply to every stage). A run
+config's paths (the config itself, manifests, checkpoints, output_dir) are relative to the
+folder the command runs in; the demo runs in the repository whatever the folder. A run resumes
+from the newest checkpoint in its output_dir. With a config, the held-out manifest
+(data.heldout) is evaluated at the end.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.out and args.config:
         ap.error("--out is the demo's; a run config names its own output_dir")
-    if args.out:
-        args.out = os.path.abspath(args.out)  # relative to the caller's folder
-    os.chdir(ROOT)  # manifests and configs are given relative to the repository
     if args.config is None:
         from ark_mega.demo import run_demo
+
+        if args.out:
+            args.out = os.path.abspath(args.out)  # relative to the caller's folder
+        os.chdir(ROOT)  # the demo's config names the corpus and models in the repository
 
         run_demo(os.path.join("examples", "configs", "demo.yaml"), args.overrides, out=args.out)
         return 0

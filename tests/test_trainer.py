@@ -4,9 +4,12 @@ the TD and OPD stages end to end, non-finite losses, and the run configuration."
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from ark_mega import checkpoint
 from ark_mega.config import load_config
@@ -203,6 +206,24 @@ def test_inputs_are_checked_before_the_first_step(single_rank, tmp_path, tok_fil
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(OSError, match="has 0.0 GiB free, one checkpoint needs about"):
         trainer_module.Trainer(cfg())
+
+
+def test_run_config_paths_are_relative_to_the_callers_folder(tmp_path, tok_file):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tree = {}
+    for item in run_overrides(tmp_path, tok_file, "out", steps=1, eval_every=0):
+        key, value = item.split("=", 1)
+        *sections, last = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = json.loads(value)
+    (elsewhere / "my.yaml").write_text(yaml.safe_dump(tree))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_opd.py"),
+                           "--config", "my.yaml"], cwd=elsewhere, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (elsewhere / "out" / "checkpoints" / "step_000001").is_dir()
 
 
 def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
