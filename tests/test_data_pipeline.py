@@ -190,8 +190,12 @@ def test_validate_manifest_tool_reports_and_fails_on_bad_records(tmp_path, real_
     m.write_text(m.read_text(encoding="utf-8") + '{"audio": "missing.flac", "text": "x"}\n',
                  encoding="utf-8")
     root = __file__.rsplit("/tests/", 1)[0]
-    proc = subprocess.run([sys.executable, "tools/validate_manifest.py", str(m)], cwd=root,
-                          capture_output=True, text=True)
-    assert proc.returncode == 1
+    (tmp_path / "empty").mkdir()
+    # a missing manifest and an empty folder first: named, and the next manifest still checked
+    proc = subprocess.run([sys.executable, "tools/validate_manifest.py", str(tmp_path / "nowhere.jsonl"),
+                           str(tmp_path / "empty"), str(m)], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{tmp_path / 'nowhere.jsonl'}: no such file or folder" in proc.stdout
+    assert f"{tmp_path / 'empty'}: not a readable manifest" in proc.stdout
     assert "3 of 4 records kept" in proc.stdout
     assert "audio_missing: 1" in proc.stdout and f"{m}:4: field 'audio'" in proc.stdout

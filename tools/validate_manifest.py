@@ -11,6 +11,7 @@ more than that fraction is bad.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ark_mega.data.manifests import LoadPolicy, load_manifest
@@ -27,12 +28,16 @@ def main() -> int:
     policy = LoadPolicy(skip_bad=True, max_skip_fraction=1.0, max_duration=args.max_duration,
                         decode_audio=not args.no_decode)
     failed = False
-    for path in args.manifests:
+    for path in args.manifests:  # every manifest is checked, whatever an earlier one gave
+        if not os.path.exists(path):
+            print(f"{path}: no such file or folder")
+            failed = True
+            continue
         try:
             cuts, report = load_manifest(path, policy, progress=True)
             hours = sum(c.duration for c in cuts) / 3600
-        except ValueError as e:  # unreadable manifest, or nothing usable in it
-            print(f"{path}: {e}")
+        except (ValueError, OSError, AssertionError) as e:  # unreadable, or nothing usable
+            print(f"{path}: not a readable manifest: {e or type(e).__name__}")
             failed = True
             continue
         print(f"{path}: {hours:.3f} h\n{report.summary()}")
