@@ -17,6 +17,7 @@ import shutil
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import CheckpointException
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -142,12 +143,18 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(_sharded(model, optimizer, scheduler, loading=False), tmp)
-    if dist.get_rank() == 0 and hasattr(model, "cfg"):
-        with open(os.path.join(tmp, "model.json"), "w") as f:
-            json.dump(model.cfg.to_dict(), f, indent=1)
-    torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
-                "rng": rng_state(), **(extra or {})}, _rank_file(tmp))
+    try:
+        dist_checkpointing.save(_sharded(model, optimizer, scheduler, loading=False), tmp)
+        if dist.get_rank() == 0 and hasattr(model, "cfg"):
+            with open(os.path.join(tmp, "model.json"), "w") as f:
+                json.dump(model.cfg.to_dict(), f, indent=1)
+        torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
+                    "rng": rng_state(), **(extra or {})}, _rank_file(tmp))
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay as they were
+        free = shutil.disk_usage(root).free / 2**20
+        raise OSError(f"saving checkpoint {final} failed: {_cause(e)} ({free:.1f} MiB free "
+                      f"on that disk)") from e
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -157,6 +164,25 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _cause(e: BaseException) -> str:
+    """The first OS error (e.g. no space left on device) behind a failed save, else the
+    innermost error's first line (torch's writer reports a full disk as a RuntimeError)."""
+    seen, todo, last = set(), [e], e
+    while todo:
+        err = todo.pop(0)
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.strerror:
+            return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
+        last = err
+        todo += [c for c in (err.__cause__, err.__context__) if c is not None]
+        if isinstance(err, CheckpointException):
+            todo += [exc for exc, _ in err.failures.values()]
+    text = str(last).strip().splitlines()
+    return f"{type(last).__name__}: {text[0] if text else ''}"
 
 
 def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
