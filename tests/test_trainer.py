@@ -4,6 +4,7 @@ the TD and OPD stages end to end, non-finite losses, and the run configuration."
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -224,6 +225,39 @@ def test_run_config_paths_are_relative_to_the_callers_folder(tmp_path, tok_file)
                            "--config", "my.yaml"], cwd=elsewhere, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (elsewhere / "out" / "checkpoints" / "step_000001").is_dir()
+
+
+def test_a_rank_killed_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_path, tok_file):
+    import signal
+
+    def launch(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        overrides = run_overrides(tmp_path, tok_file, out, steps=6, save_every=2, keep_last=2,
+                                  **{"data.max_tokens": 600})
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(port), os.path.join(ROOT, "tests", "dist_train.py"), *extra,
+             *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    whole = launch(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()[-3000:]
+    run = launch(tmp_path / "killed", "--hold-save", "4")
+    for line in run.stdout:  # rank 1 waits inside the save of step 4
+        if line.startswith("HOLD"):
+            os.kill(int(line.split()[1]), signal.SIGKILL)
+            break
+    assert run.wait(timeout=120) != 0
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(ckpts)] == ["step_000002"]
+    again = launch(tmp_path / "killed")
+    assert again.wait(timeout=600) == 0, again.stdout.read()[-3000:]
+    with open(tmp_path / "killed" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")  # bitwise
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(ckpts)] == ["step_000004", "step_000006"]
 
 
 def _mount_tmpfs(path, size_kib: int, remount: bool = False) -> bool:
