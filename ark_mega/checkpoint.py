@@ -208,7 +208,9 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
         for k in absent:
             del sharded["model"][k]
     state = dist_checkpointing.load(sharded, path)
-    state["model"].update({k: model.state_dict()[k] for k in absent})
+    if absent:
+        own = model.state_dict()
+        state["model"].update({k: own[k] for k in absent})
     model.load_state_dict(state["model"], strict=strict)
     if optimizer is None:
         return {}
