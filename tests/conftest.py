@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import socket
@@ -22,6 +23,16 @@ def single_rank():
 
     init_parallel(ParallelConfig())
     yield
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, to call its functions in-process (a subprocess would pay the
+    imports each time)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def torchrun(script: str, *args: str, nproc: int = 2) -> list[dict]:

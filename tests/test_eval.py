@@ -1,6 +1,5 @@
 """Normalisation, corpus CER / WER against hand-computed cases, reports and the CLI tools."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from ark_mega.eval import error_rate, normalize, summarize, tables, utterance_rows
+from conftest import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,9 +108,7 @@ def test_transcribe_and_evaluate_tools(single_rank, tmp_path):
 
 
 def test_evaluate_reads_hypotheses_strictly_and_joins_references_by_id(tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_tool", os.path.join(ROOT, "tools", "evaluate.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("evaluate")
 
     def hyp_file(*rows, raw=None):
         path = tmp_path / "hyp.jsonl"

@@ -1,6 +1,5 @@
 """Hugging Face folders in and out (tools/convert_checkpoint.py)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,21 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from ark_mega.data import train_bpe_tokenizer
 from ark_mega.models import preset
-from conftest import torchrun
+from conftest import load_tool, torchrun
 from hf_reference import build_hf_model, hf_logits, make_utterances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
+TOOL = load_tool("convert_checkpoint")
 
 
 def ok(*args):

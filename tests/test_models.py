@@ -5,6 +5,7 @@ import torch
 
 from ark_mega.models import AudioLM, preset
 from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +71,7 @@ def test_placeholder_count_must_match_audio(student):
 
 
 def test_real_presets_have_transformers_parameter_counts(single_rank):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "model_sizes", __file__.replace("tests/test_models.py", "tools/model_sizes.py"))
-    sizes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sizes)
+    sizes = load_tool("model_sizes")
     for name in ("ark_asr_0p6b", "qwen3_asr_0p6b", "qwen3_asr_1p7b"):
         cfg = preset(name)
         assert sizes.our_count(cfg) == sizes.hf_count(cfg), name
