@@ -36,8 +36,7 @@ def load_model(path: str, tokenizer: str | None = None,
             raise FileNotFoundError(f"{path}: no tokenizer/ beside the checkpoint; pass --tokenizer")
     tok = load_tokenizer(tokenizer)
     cfg = model.cfg
-    prompts = (PromptBuilder.student(tok, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
-               else PromptBuilder.teacher(tok, cfg.encoder.n_window))
+    prompts = PromptBuilder.for_model(tok, cfg)
     if prompts.audio_id != cfg.audio_token_id:
         raise ValueError(f"the tokenizer's {prompts.template.audio_token} is id {prompts.audio_id}, "
                          f"the model's audio token is {cfg.audio_token_id}: wrong tokenizer?")

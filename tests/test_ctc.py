@@ -19,8 +19,7 @@ from opd_setup import VOCAB, batch, model, tokenizer
 @pytest.mark.parametrize("name", ["tiny_ark_asr", "tiny_qwen3_asr"])
 def test_joint_loss_is_the_weighted_sum_of_cross_entropy_and_per_utterance_ctc(single_rank, name):
     tok = tokenizer()
-    sp = (PromptBuilder.student(tok) if name == "tiny_ark_asr"
-          else PromptBuilder.teacher(tok, preset(name).encoder.n_window))
+    sp = PromptBuilder.for_model(tok, preset(name))
     m = model(name, sp, seed=0)
     torch.manual_seed(1)
     with_head = AudioLM(m.cfg, ctc_head=True)

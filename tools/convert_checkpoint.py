@@ -125,9 +125,7 @@ def do_export(args) -> str:
     with open(os.path.join(args.dst, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
     copy_tokenizer(args.tokenizer, args.dst)
-    tokenizer = load_tokenizer(args.tokenizer)
-    prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
-               else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
+    prompts = PromptBuilder.for_model(load_tokenizer(args.tokenizer), cfg)
     blocked = blocked_ids(prompts, cfg.decoder.vocab_size, args.blocked_from)
     with open(os.path.join(args.dst, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": prompts.stop_id, "pad_token_id": prompts.stop_id,

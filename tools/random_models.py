@@ -24,8 +24,7 @@ def random_model(name: str, tokenizer, dtype: torch.dtype, device: torch.device,
     from ark_mega.models import AudioLM, preset
 
     cfg = preset(name)
-    prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
-               else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
+    prompts = PromptBuilder.for_model(tokenizer, cfg)
     cfg.audio_token_id = prompts.audio_id
     if tiny:
         cfg.decoder.vocab_size = TINY_OVERRIDES["decoder.vocab_size"]

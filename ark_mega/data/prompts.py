@@ -85,6 +85,14 @@ class PromptBuilder:
     def teacher(cls, tokenizer: Tokenizer, n_window: int = 50) -> "PromptBuilder":
         return cls(tokenizer, QWEN3_ASR, lambda frames: aut_audio_tokens(frames, n_window))
 
+    @classmethod
+    def for_model(cls, tokenizer: Tokenizer, cfg) -> "PromptBuilder":
+        """The prompts of a model config's family (an AudioLMConfig): Ark-ASR's template for
+        the ark_asr family, Qwen3-ASR's otherwise, with its encoder's audio-token rule."""
+        if cfg.family == "ark_asr":
+            return cls.student(tokenizer, cfg.encoder.merge_factor)
+        return cls.teacher(tokenizer, cfg.encoder.n_window)
+
     @property
     def answer_special_ids(self) -> list[int]:
         """Special tokens the model itself writes in its answer (Qwen3-ASR's `<asr_text>`)."""

@@ -67,8 +67,7 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype,
         hint = typing.get_type_hints(type(parent))[last]
         setattr(parent, last, coerce(hint, value, f"model override {dotted}"))
     tokenizer = load_tokenizer(mcfg.tokenizer)
-    prompts = (PromptBuilder.student(tokenizer, cfg.encoder.merge_factor) if cfg.family == "ark_asr"
-               else PromptBuilder.teacher(tokenizer, cfg.encoder.n_window))
+    prompts = PromptBuilder.for_model(tokenizer, cfg)
     cfg.audio_token_id = prompts.audio_id
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > cfg.decoder.vocab_size:
