@@ -1,6 +1,8 @@
-"""slurm/opd.sbatch on a real one-node SLURM cluster (munge, slurmctld, slurmd from Debian's
-slurm-wlm packages, which .ci/run installs): a job that runs to completion, then a job that is
-sent USR1 mid-run, saves, is requeued and resumes without repeating or losing a step."""
+"""slurm/opd.sbatch on real SLURM clusters (munge, slurmctld, slurmd from Debian's slurm-wlm
+packages, which .ci/run installs). One node: a job that runs to completion, then a job that is
+sent USR1 mid-run, saves, is requeued and resumes without repeating or losing a step. Two nodes
+(network namespaces joined by a veth pair): the same preemption with one process per node, so
+the c10d rendezvous and gloo run across the nodes."""
 
 import json
 import os
@@ -26,6 +28,16 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    why = slurm_cluster.namespaces_unavailable()
+    if why:
+        pytest.skip(f"no two-node test cluster: {why}")
+    c = slurm_cluster.Cluster(str(tmp_path_factory.mktemp("slurm2")), nodes=2).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
 def config(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurmcfg")
     tok = d / "tokenizer.json"
@@ -42,18 +54,20 @@ optim: {{lr: 1.0e-3, weight_decay: 0.0}}
     return path
 
 
-def submit(cluster, config, *overrides):
+def submit(cluster, config, *overrides, nodes=1):
     """Submit under a fresh job name: a new test cluster restarts job ids at 1, and job logs
-    (logs/<name>-<id>.out) are appended to."""
+    (logs/<name>-<id>.out) are appended to. One node: two processes on a free rendezvous port.
+    Two nodes: one process each, on the port the script derives from the job id (the nodes'
+    namespaces are fresh, nothing else listens there)."""
     name = f"ark-test-{uuid.uuid4().hex[:8]}"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
-           "PYTHON": sys.executable}
-    proc = cluster.run("sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2",
-                       f"--job-name={name}", "slurm/opd.sbatch", "--config", str(config),
-                       *overrides, cwd=ROOT, env=env)
+    env = {"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NPROC_PER_NODE": str(2 // nodes)}
+    if nodes == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+    proc = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0",
+                       f"--cpus-per-task={2 // nodes}", f"--job-name={name}", "slurm/opd.sbatch",
+                       "--config", str(config), *overrides, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0], name
 
@@ -90,10 +104,12 @@ def test_job_completes_with_checkpoint_and_metrics(cluster, config, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000003", "step_000006"]
 
 
-def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
-    job = submit(cluster, config, f"output_dir={tmp_path}", "steps=120", "save_every=1000")
-    for _ in range(240):  # until the run is well under way
-        if os.path.exists(tmp_path / "metrics.jsonl") and len(steps_logged(tmp_path)) >= 8:
+def preempt_and_resume(cluster, job, out_dir, steps):
+    """USR1 once the run is well under way; the job saves and requeues itself; start the
+    requeued job and check that it resumed and completed with steps 1..N logged once. Returns
+    the job's log."""
+    for _ in range(240):
+        if os.path.exists(out_dir / "metrics.jsonl") and len(steps_logged(out_dir)) >= 8:
             break
         time.sleep(0.5)
     assert cluster.run("scancel", "--signal=USR1", job[0]).returncode == 0
@@ -106,7 +122,7 @@ def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
     assert info.get("Restarts") == "1", log_of(job)[-3000:]
     # slurmd revokes the first instance's credential when it ends, at one-second resolution:
     # a relaunch of the same job id whose credential is dated in that second is killed
-    # ("Job credential revoked"). Start it only once the node is idle again (the revocation
+    # ("Job credential revoked"). Start it only once the nodes are idle again (the revocation
     # is done) and the clock has moved past that second.
     cluster.wait_node_idle()
     time.sleep(2)
@@ -115,6 +131,20 @@ def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
     log = log_of(job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     saved = int(log.split("USR1: saved step ")[1].split()[0])
-    assert 8 <= saved < 120 and "resumed from" in log and "(restart 1)" in log
-    assert steps_logged(tmp_path) == list(range(1, 121))  # no step repeated or lost
-    assert f"step_{saved:06d}" in os.listdir(tmp_path / "checkpoints")
+    assert 8 <= saved < steps and "resumed from" in log and "(restart 1)" in log
+    assert steps_logged(out_dir) == list(range(1, steps + 1))  # no step repeated or lost
+    assert sorted(os.listdir(out_dir / "checkpoints"))[-2:] == [f"step_{saved:06d}", f"step_{steps:06d}"]
+    return log
+
+
+def test_usr1_saves_requeues_and_resumes(cluster, config, tmp_path):
+    job = submit(cluster, config, f"output_dir={tmp_path}", "steps=120", "save_every=1000")
+    preempt_and_resume(cluster, job, tmp_path, 120)
+
+
+def test_two_nodes_rendezvous_preempt_and_resume(two_nodes, config, tmp_path):
+    job = submit(two_nodes, config, f"output_dir={tmp_path}", "steps=60", "save_every=1000", nodes=2)
+    log = preempt_and_resume(two_nodes, job, tmp_path, 60)
+    head = two_nodes.host
+    assert "on 2 node(s)" in log and f"--rdzv_endpoint {head}:{20000 + int(job[0])}" in log
+    assert log.count("2 ranks (DP 2, TP 1, PP 1)") == 2  # one rank per node, in both instances

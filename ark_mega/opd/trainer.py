@@ -244,7 +244,10 @@ class Trainer:
         if self.is_writer:
             built = [f"{role} {m.transformer_impl} layers" for role, m in
                      (("student", self.student), ("teacher", self.teacher)) if m is not None]
-            print(f"[{cfg.name}] {', '.join(built)}, {self.dtype}, on {self.dev}", flush=True)
+            layout = (f"{dist.get_world_size()} ranks (DP {ps.get_data_parallel_world_size()}, "
+                      f"TP {ps.get_tensor_model_parallel_world_size()}, "
+                      f"PP {ps.get_pipeline_model_parallel_world_size()})")
+            print(f"[{cfg.name}] {', '.join(built)}, {self.dtype}, on {self.dev}, {layout}", flush=True)
         self.ddp, self.optimizer, self.scheduler = build_optimizer(
             self.student, cfg.optim, self.dtype, cfg.steps)
 
