@@ -35,12 +35,19 @@ class DataConfig:
     train: str = "examples/data/train.jsonl"
     heldout: str | None = "examples/data/heldout.jsonl"
     subset: float = 1.0  # fraction of the training manifest used, evenly spread over it
-    max_tokens: int = 4096  # decoder tokens per batch and data-parallel rank
+    # a step = micro_batches packed micro-batches of up to max_tokens decoder tokens on each
+    # data-parallel rank (global batch <= max_tokens * micro_batches * DP tokens)
+    max_tokens: int = 4096
+    micro_batches: int = 1
     num_buckets: int = 10
     num_workers: int = 2
     skip_bad: bool = False
     max_skip_fraction: float = 0.01
     max_duration: float = 30.0
+
+    def __post_init__(self):
+        if self.micro_batches < 1:
+            raise ValueError(f"data.micro_batches must be at least 1, got {self.micro_batches}")
 
 
 @dataclass

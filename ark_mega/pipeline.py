@@ -33,13 +33,10 @@ def run_pipeline(model: AudioLM, micro_batches: list[dict], loss_fn: Callable,
     Each micro-batch is a dict with `input_ids` [b, s] (or packed [1, t] with `cu_seqlens`) and,
     for the first stage, `audio_features`; `return_hidden: True` hands `loss_fn` the final hidden
     states instead of logits, `return_ctc: True` also the CTC head's output (PP = 1: see
-    AudioLM.forward). All micro-batches must have one shape: the stages
-    exchange tensors of [s, b, hidden].
+    AudioLM.forward). Micro-batches may differ in length: at PP > 1 the stages exchange each
+    activation's shape before it (megatron's `variable_seq_lengths`, set by the decoder config).
     """
-    shapes = {tuple(b["input_ids"].shape) for b in micro_batches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batches of one pipeline pass need one shape, got {sorted(shapes)}")
-    batch_size, seq_length = shapes.pop()
+    batch_size, seq_length = micro_batches[0]["input_ids"].shape
     return get_forward_backward_func()(
         forward_step_func=_forward_step(loss_fn),
         data_iterator=iter(micro_batches),

@@ -5,6 +5,8 @@
 both softmaxes over the valid entries of row t only; T = rows with at least two valid entries.
 Gradient (student logits only): tau * (softmax(z_S/tau) - softmax(z_T/tau)) / |T| on valid
 entries of rows in T. The kernel computes loss and gradient in one pass over the rows.
+`reduction="sum"` leaves out the 1/|T|: the trainer divides by |T| of the whole global batch
+(all micro-batches and data-parallel ranks), which one micro-batch cannot know.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ def union_kl_rows(student_logits, teacher_scores, valid, tau: float = 1.0):
     return kl_rows, valid.sum(-1) >= 2
 
 
-def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0):
+def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0,
+                       reduction: str = "mean"):
     kl_rows, counted = union_kl_rows(student_logits, teacher_scores, valid, tau)
-    return (kl_rows * counted).sum() / counted.sum().clamp(min=1)
+    total = (kl_rows * counted).sum()
+    return total / counted.sum().clamp(min=1) if reduction == "mean" else total
 
 
 @triton.jit
@@ -64,7 +68,7 @@ def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_r
 
 class _UnionKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_scores, valid, tau):
+    def forward(ctx, student_logits, teacher_scores, valid, tau, reduction):
         n, u = student_logits.shape
         kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         counted = torch.empty(n, dtype=torch.int32, device=student_logits.device)
@@ -74,7 +78,7 @@ class _UnionKL(torch.autograd.Function):
         _union_kl_kernel[(triton.cdiv(n, block_n),)](
             student_logits.contiguous(), teacher_scores.contiguous(), valid.contiguous(), kl,
             counted, grad, n, u, 1.0 / tau, UP=up, BLOCK_N=block_n)
-        count = counted.sum().clamp(min=1)
+        count = counted.sum().clamp(min=1) if reduction == "mean" else kl.new_ones(())
         ctx.save_for_backward(grad, count)
         ctx.dtype = student_logits.dtype
         return (kl.sum() / count).to(student_logits.dtype)
@@ -82,16 +86,20 @@ class _UnionKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad, count = ctx.saved_tensors
-        return (grad * (grad_out / count)).to(ctx.dtype), None, None, None
+        return (grad * (grad_out / count)).to(ctx.dtype), None, None, None, None
 
 
 def union_kl(student_logits: torch.Tensor, teacher_scores: torch.Tensor, valid: torch.Tensor,
-             tau: float = 1.0, impl: str = "auto") -> torch.Tensor:
-    """Scalar OPD loss; gradient flows to `student_logits` [N, U] only."""
+             tau: float = 1.0, impl: str = "auto", reduction: str = "mean") -> torch.Tensor:
+    """Scalar OPD loss, the mean over the rows that count (or their `sum`); gradient flows to
+    `student_logits` [N, U] only."""
     if not (student_logits.shape == teacher_scores.shape == valid.shape):
         raise ValueError("student logits, teacher scores and valid mask must share one [N, U] shape")
     if tau <= 0:
         raise ValueError(f"temperature must be positive, got {tau}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     if not use_triton(impl, student_logits):
-        return union_kl_reference(student_logits, teacher_scores, valid.bool(), tau)
-    return _UnionKL.apply(student_logits, teacher_scores.detach(), valid.bool(), float(tau))
+        return union_kl_reference(student_logits, teacher_scores, valid.bool(), tau, reduction)
+    return _UnionKL.apply(student_logits, teacher_scores.detach(), valid.bool(), float(tau),
+                          reduction)

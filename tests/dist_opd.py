@@ -59,7 +59,7 @@ def main() -> int:
     step, sp, teacher = opd_step(ddp)
     teacher_before = [p.clone() for p in teacher.parameters()]
     ddp.zero_grad_buffer()
-    metrics = step(batch(sp))
+    metrics = step([batch(sp)])
     finalize_model_grads([ddp])
     grads = [p.main_grad for p in student.parameters()]
     ok = all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -44,9 +44,10 @@ def model(name, prompts, seed, scale=1.0):
     return m
 
 
-def batch(sp, n=3):
+def batch(sp, n=3, start=0):
+    """A packed batch of held-out utterances start .. start + n - 1."""
     cuts, _ = load_manifest(os.path.join(ROOT, "examples", "data", "heldout.jsonl"))
-    return Collator(sp)(CutSet.from_cuts(list(cuts)[:n]))
+    return Collator(sp)(CutSet.from_cuts(list(cuts)[start:start + n]))
 
 
 def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallback=False,

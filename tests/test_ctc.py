@@ -25,23 +25,23 @@ def test_joint_loss_is_the_weighted_sum_of_cross_entropy_and_per_utterance_ctc(s
     with_head = AudioLM(m.cfg, ctc_head=True)
     with_head.load_state_dict(m.state_dict(), strict=False)  # same weights, plus the head
     b = batch(sp, n=3)
-    plain = sft_step(m, b)
+    plain = sft_step(m, [b])
     joint = JointCTC(0.3, sp.encode)
-    got = sft_step(with_head, b, joint)
+    got = sft_step(with_head, [b], joint)
     assert got["ce_loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert got["loss"] == pytest.approx(0.7 * got["ce_loss"] + 0.3 * got["ctc_loss"], rel=1e-5)
-    # the reference: torch's CTC utterance by utterance, summed, per transcript token
+    # the reference: torch's CTC utterance by utterance, summed, per scored token (as the CE)
     with torch.no_grad():
         _, audio, counts = with_head.embed(b.input_ids, b.audio_features)
         logits = with_head.ctc_head(audio).log_softmax(-1)
-    total = tokens = 0
+    total = 0
     for lp, text in zip(logits.split(counts), b.texts):
         target = torch.tensor(sp.encode(text))
         assert 0 < len(target) <= lp.shape[0]
         total += F.ctc_loss(lp[:, None], target[None], [lp.shape[0]], [len(target)],
                             blank=VOCAB, reduction="sum")
-        tokens += len(target)
-    assert got["ctc_loss"] == pytest.approx((total / tokens).item(), rel=1e-4)
+    assert got["tokens"] == plain["tokens"] == int(b.loss_mask.sum())
+    assert got["ctc_loss"] == pytest.approx((total / got["tokens"]).item(), rel=1e-4)
     assert with_head.ctc_head.weight.grad.abs().sum() > 0
     assert with_head.ctc_head.weight.shape == (VOCAB + 1, m.cfg.decoder.hidden_size)
 

@@ -77,14 +77,15 @@ def kl_inputs(n, u, seed, dtype=torch.float32):
 
 @pytest.mark.parametrize("u", [2, 64, 128])
 @pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_union_kl_kernel_against_float64(u, tau):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_union_kl_kernel_against_float64(u, tau, reduction):
     s, t, valid = kl_inputs(33, u, seed=u)
     s_k = s.clone().to(DEV).requires_grad_()
-    loss = union_kl(s_k, *on_dev(t, valid), tau, impl="triton")
+    loss = union_kl(s_k, *on_dev(t, valid), tau, impl="triton", reduction=reduction)
     loss.backward()
     loss, grad = loss.cpu(), s_k.grad.cpu()
     s64 = s.double().requires_grad_()
-    ref = union_kl_reference(s64, t.double(), valid, tau)
+    ref = union_kl_reference(s64, t.double(), valid, tau, reduction)
     ref.backward()
     assert rel(loss, ref) < 1e-5
     assert rel(grad, s64.grad) < 1e-5
@@ -103,6 +104,7 @@ def test_union_kl_reference_is_the_paper_equation():
         total += tau ** 2 * (p * (p.log() - q.log())).sum()
         rows += 1
     assert union_kl_reference(s, t, valid, tau).item() == pytest.approx(total.item() / rows, rel=1e-12)
+    assert union_kl_reference(s, t, valid, tau, "sum").item() == pytest.approx(total.item(), rel=1e-12)
 
 
 def test_union_kl_reference_gradcheck():

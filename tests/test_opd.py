@@ -42,7 +42,7 @@ def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau):
     work, _ = step.prepare(b)
     micro, flat, union = work["micro"], work["flat"], work["union"]
     assert union.valid.sum(1).max() > 8  # teacher and student disagree somewhere
-    metrics = step(b)
+    metrics = step([b])
     fused_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
     full = student(micro["input_ids"], micro["audio_features"], micro["cu_seqlens"])[flat, 0]
@@ -125,7 +125,7 @@ def test_opd_step_with_two_tokenizers(single_rank):
     sp = PromptBuilder.student(tokenizer())
     student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
     step, _, _ = opd_step(student, teacher_tokenizer=tokenizer(360, split="heldout"))
-    metrics = step(batch(sp))
+    metrics = step([batch(sp)])
     assert not step.map.identity
     assert 0.0 <= metrics["mismatch"] < 1.0 and torch.isfinite(torch.tensor(metrics["loss"]))
     assert metrics["positions"] > 0
@@ -138,7 +138,7 @@ def test_empty_rollouts(single_rank, fallback):
     step, _, _ = opd_step(student, fallback=fallback)
     step.blocked = torch.ones_like(step.blocked)
     step.blocked[sp.stop_id] = False  # only the stop token can be generated: empty rollouts
-    metrics = step(batch(sp))
+    metrics = step([batch(sp)])
     assert metrics["rollout_nonempty"] == 0.0
     if fallback:  # the references are used instead, and counted
         assert metrics["fallbacks"] == 3 and metrics["positions"] > 0

@@ -26,7 +26,7 @@ def test_opd_step_at_tp2_equals_tp1_and_its_checkpoint_loads_at_tp1(single_rank,
     sp = PromptBuilder.student(tokenizer())
     student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
     step, sp, _ = opd_step(student)
-    metrics = step(batch(sp))
+    metrics = step([batch(sp)])
     assert metrics["loss"] == pytest.approx(record["loss"], rel=1e-4)
     assert metrics["positions"] == record["positions"]
     # the TP = 2 checkpoint at TP = 1 gives the same logits
@@ -81,15 +81,18 @@ def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-@pytest.mark.parametrize("dtype,distributed", [("fp32", False), ("bf16", True)])
-def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, distributed):
+@pytest.mark.parametrize("dtype,distributed,micro", [("fp32", False, 1), ("bf16", True, 1),
+                                                     ("fp32", False, 2)])
+def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, distributed, micro):
     """Also in bf16 with megatron's distributed optimizer, the GPU default (its checkpoint
-    format, its fresh state at load, torch Adam's step)."""
+    format, its fresh state at load, torch Adam's step), and with two micro-batches a step
+    (the data position counts micro-batches; 5 steps cross an epoch)."""
     from ark_mega.opd.trainer import Trainer
 
     def run(out, steps):
         Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / out, steps=steps,
-                                                dtype=dtype, **{"optim.distributed": distributed}))).run()
+                                                dtype=dtype, **{"optim.distributed": distributed,
+                                                                "data.micro_batches": micro}))).run()
 
     run("a", 5)
     run("b", 3)

@@ -89,7 +89,7 @@ def main() -> int:
     def step():
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        sft_step(ddp, batch)
+        sft_step(ddp, [batch])
         optimizer.step()
 
     step()  # warm-up

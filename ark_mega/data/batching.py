@@ -147,8 +147,8 @@ class Batch:
 
 
 class Collator:
-    """Cuts -> Batch. `pad_to` gives packed batches a fixed length (pipeline stages exchange
-    tensors of one shape); the filler is a separate segment that nothing attends across."""
+    """Cuts -> Batch. `pad_to` gives packed batches a fixed length (static shapes); the filler
+    is a separate segment that nothing attends across."""
 
     def __init__(self, prompts: PromptBuilder, features: LogMel | None = None,
                  packed: bool = True, pad_to: int | None = None, pad_id: int | None = None):

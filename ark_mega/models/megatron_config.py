@@ -50,6 +50,11 @@ def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32,
         activation_func=F.silu,
         qk_layernorm=cfg.qk_norm,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        # packed micro-batches differ in length: the stages exchange each tensor's shape first.
+        # megatron refuses that with its default MoE dispatcher even in a dense model (no
+        # experts here, so the dispatcher named is never built)
+        variable_seq_lengths=parallel_state.get_pipeline_model_parallel_world_size() > 1,
+        moe_token_dispatcher_type="alltoall",
         **_common(dtype, fp8),
     )
 

@@ -1,7 +1,12 @@
-"""One gradient pass of each stage: SFT (cross-entropy on transcripts) and OPD.
+"""One gradient pass of each stage over a step's micro-batches: SFT (cross-entropy on
+transcripts) and OPD.
 
-Both run through `run_pipeline` (megatron's schedules at PP > 1) and leave the gradients in
-the model; the trainer steps the optimizer. Metrics are valid on the last pipeline stage.
+Both run through `run_pipeline` (megatron's schedules: gradient accumulation at PP = 1, 1F1B at
+PP > 1) and leave the gradients in the model; the trainer steps the optimizer. The loss is one
+mean over the scored positions of the whole global batch (all micro-batches of all data-parallel
+ranks; the paper's Eq. 1 and SFT's token-level cross-entropy), not a mean of per-rank means: the
+global count is all-reduced once per step, before the passes (`GlobalMean`). Metrics are valid
+on the last pipeline stage.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
@@ -18,6 +24,7 @@ from megatron.core import tensor_parallel
 from ..config import OPDSettings
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
+from ..distributed import device
 from ..kernels import sparse_lm_head, union_kl, union_support
 from ..kernels.union_kl import union_kl_rows
 from ..models.audio_lm import AudioLM
@@ -38,48 +45,92 @@ class JointCTC:
     weight: float
     encode: Callable[[str], list[int]]
 
-    def loss(self, log_probs: torch.Tensor, counts: list[int], texts: list[str]) -> torch.Tensor:
+    def loss_sum(self, log_probs: torch.Tensor, counts: list[int], texts: list[str]) -> torch.Tensor:
+        """The CTC loss summed over the utterances (the caller divides, as for the CE)."""
         targets = [self.encode(t) for t in texts]
         lengths = torch.tensor([len(t) for t in targets])
         flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
         blank = log_probs.shape[-1] - 1
         # an utterance too short for its transcript contributes zero, not inf
-        total = F.ctc_loss(log_probs, flat.to(log_probs.device), torch.tensor(counts), lengths,
-                           blank=blank, reduction="sum", zero_infinity=True)
-        return total / lengths.sum().clamp(min=1).to(total.device)
+        return F.ctc_loss(log_probs, flat.to(log_probs.device), torch.tensor(counts), lengths,
+                          blank=blank, reduction="sum", zero_infinity=True)
 
 
-def sft_step(model, batch: Batch, ctc: JointCTC | None = None) -> dict:
-    """Cross-entropy on the transcript tokens of a packed batch (loss mask), mean per token;
-    with `ctc`, joint CTC / attention training (one pipeline stage)."""
+class GlobalMean:
+    """A loss summed over positions, divided by the positions of the whole global batch.
+
+    `count` is this rank's number of scored positions over its micro-batches; one all-reduce
+    over the data-parallel group gives the global count N. Megatron's schedule divides each
+    micro-batch's loss by the number of micro-batches M and DDP averages the gradients over the
+    D data-parallel ranks, so a micro-batch's summed loss is scaled by M * D / N: the gradient is
+    then that of (sum over all positions) / N. `mean(sums)` is the logged loss, all-reduced the
+    same way."""
+
+    def __init__(self, count: torch.Tensor, micro_batches: int):
+        self.group = ps.get_data_parallel_group()
+        # on this process's device (NCCL), also where the count is a CPU zero (a stage before
+        # the last, or a rank whose rollouts were all empty)
+        self.count = count.detach().float().reshape(1).to(device(), copy=True)
+        dist.all_reduce(self.count, group=self.group)
+        self.scale = micro_batches * ps.get_data_parallel_world_size() / self.count.clamp(min=1)
+
+    def __call__(self, summed: torch.Tensor) -> torch.Tensor:
+        return summed * self.scale[0].to(summed.device)
+
+    def mean(self, *sums: torch.Tensor) -> list[float]:
+        """Global means of per-rank sums, one all-reduce (every rank of the group calls it)."""
+        totals = torch.stack([x.detach().float().reshape(()) for x in sums]).to(self.count.device)
+        dist.all_reduce(totals, group=self.group)
+        return (totals / self.count.clamp(min=1)).tolist()
+
+    @property
+    def total(self) -> int:
+        return int(self.count.item())
+
+
+def sft_step(model, batches: list[Batch], ctc: JointCTC | None = None) -> dict:
+    """Cross-entropy on the transcript tokens (loss mask) of a step's packed micro-batches, one
+    mean over the global batch's tokens; with `ctc`, joint CTC / attention training (one
+    pipeline stage): `((1 - w) * CE + w * CTC)`, both summed, per scored token."""
     device = next(model.parameters()).device
-    labels, mask = batch.labels[0].to(device), batch.loss_mask[0].to(device)
+    micro = [{"input_ids": b.input_ids.to(device), "cu_seqlens": b.cu_seqlens.to(device),
+              "audio_features": [f.to(device) for f in b.audio_features],
+              "return_ctc": ctc is not None, "labels": b.labels[0].to(device),
+              "mask": b.loss_mask[0].to(device), "texts": b.texts} for b in batches]
+    norm = GlobalMean(sum(m["mask"].sum() for m in micro), len(micro))
 
-    def loss_fn(output, _):
+    def loss_fn(output, mb):
         logits, (log_probs, counts) = output if ctc else (output, (None, None))
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits[:, 0].float(), labels)
-        n = mask.sum().clamp(min=1)
-        loss = (losses * mask).sum() / n
-        report = {"loss": loss.detach(), "tokens": n.detach()}
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits[:, 0].float(), mb["labels"])
+        ce = (losses * mb["mask"]).sum()
+        loss, report = ce, {"ce": ce.detach()}
         if ctc:
-            ctc_loss = ctc.loss(log_probs, counts, batch.texts)
-            report.update(ce_loss=loss.detach(), ctc_loss=ctc_loss.detach())
-            loss = (1 - ctc.weight) * loss + ctc.weight * ctc_loss
-            report["loss"] = loss.detach()
-        return loss, report
+            report["ctc"] = ctc.loss_sum(log_probs, counts, mb["texts"])
+            loss = (1 - ctc.weight) * ce + ctc.weight * report["ctc"]
+        report["loss"] = loss.detach()
+        return norm(loss), report
 
-    micro = {"input_ids": batch.input_ids.to(device), "cu_seqlens": batch.cu_seqlens.to(device),
-             "audio_features": [f.to(device) for f in batch.audio_features],
-             "return_ctc": ctc is not None}
-    reports = run_pipeline(model, [micro], loss_fn, forward_only=False)
-    if not reports:
+    reports = run_pipeline(model, micro, loss_fn, forward_only=False)
+    if not ps.is_pipeline_last_stage():
         return {}
-    r = reports[0]
-    return {"loss": r["loss"].item(), "tokens": int(r["tokens"]),
-            **{k: r[k].item() for k in ("ce_loss", "ctc_loss") if k in r}}
+    keys = ("loss", "ce", "ctc") if ctc else ("loss",)
+    means = norm.mean(*(sum(r[k] for r in reports) for k in keys))
+    out = {"loss": means[0], "tokens": norm.total}
+    if ctc:
+        out.update(ce_loss=means[1], ctc_loss=means[2])
+    return out
 
 
 AGREEMENT = ("teacher_mass", "top1_agree", "kl_p50", "kl_p90", "kl_max")
+SUMMED = ("fallbacks", "skipped", "time_rollout", "time_teacher")  # over micro-batches; others: mean
+
+
+def _combine(per_micro: list[dict]) -> dict:
+    """One step's rollout metrics from its micro-batches' (sums of counts and times, means of
+    rates)."""
+    keys = {k for m in per_micro for k in m}
+    return {k: (sum if k in SUMMED else lambda v: sum(v) / len(v))([m[k] for m in per_micro if k in m])
+            for k in sorted(keys)}
 
 
 def agreement(student_logits: torch.Tensor, union, student_topk: torch.Tensor,
@@ -168,31 +219,41 @@ class OPDStep:
                 "keep": keep, "answers": [answers[i] for i in keep],
                 "student_topk": student_topk}, metrics
 
-    def __call__(self, batch: Batch) -> dict:
-        work, metrics = self.prepare(batch)
-        if work is None:
+    def __call__(self, batches: list[Batch]) -> dict:
+        """Rollouts and teacher scoring for every micro-batch of the step, then the student's
+        passes over them (one pipeline schedule); Eq. 1's 1/|T| counts the positions of the
+        whole global batch."""
+        prepared = [self.prepare(b) for b in batches]
+        works = [w for w, _ in prepared if w is not None]
+        metrics = _combine([m for _, m in prepared])
+        last = ps.is_pipeline_last_stage()
+        used = [(w["union"].valid.sum(1) >= 2).sum() if last else torch.zeros(()) for w in works]
+        # every rank joins the count's all-reduce, also one whose rollouts were all empty
+        norm = GlobalMean(sum(used, torch.zeros(())), max(len(works), 1))
+        if not works:
             return metrics
-        flat, union = work["flat"], work["union"]
 
-        def loss_fn(hidden, _):
-            weight = self.module.output_weight()
+        def loss_fn(hidden, micro):
+            work = micro["work"]
+            union, weight = work["union"], self.module.output_weight()
             tp = ps.get_tensor_model_parallel_world_size()
             start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
-            logits = sparse_lm_head(hidden[flat, 0], weight, union.ids, vocab_start=start,
+            logits = sparse_lm_head(hidden[work["flat"], 0], weight, union.ids, vocab_start=start,
                                     tensor_parallel=tp > 1)
-            loss = union_kl(logits, union.teacher_scores, union.valid, self.cfg.temperature)
-            used = (union.valid.sum(1) >= 2).sum()
-            return loss, {"loss": loss.detach(), "positions": used, "vuss": union.vuss,
-                          **agreement(logits.detach(), union, work["student_topk"],
-                                      self.cfg.temperature)}
+            loss = union_kl(logits, union.teacher_scores, union.valid, self.cfg.temperature,
+                            reduction="sum")
+            return norm(loss), {"loss": loss.detach(), "vuss": union.vuss,
+                                **agreement(logits.detach(), union, work["student_topk"],
+                                            self.cfg.temperature)}
 
         t0 = time.perf_counter()
-        reports = run_pipeline(self.student, [work["micro"]], loss_fn, forward_only=False)
+        reports = run_pipeline(self.student, [{**w["micro"], "work": w} for w in works], loss_fn,
+                               forward_only=False)
         metrics["time_student"] = time.perf_counter() - t0
-        if reports:
-            r = reports[0]
-            metrics.update(loss=r["loss"].item(), vuss=r["vuss"].item(), positions=int(r["positions"]),
-                           **{k: r[k].item() for k in AGREEMENT})
+        if last:
+            metrics.update(loss=norm.mean(sum(r["loss"] for r in reports))[0], positions=norm.total,
+                           **{k: sum(r[k].item() for r in reports) / len(reports)
+                              for k in ("vuss",) + AGREEMENT})
         return metrics
 
     def _student_topk(self, rollout, answers, fallback, keep, prompts, feats):

@@ -362,11 +362,14 @@ class Trainer:
         bad_in_a_row, result = 0, {}
         self.ddp.train()
         while step < cfg.steps:
-            batch, loader, epoch, consumed = self._next_batch(loader, cuts, epoch, consumed)
+            batches = []
+            for _ in range(cfg.data.micro_batches):
+                batch, loader, epoch, consumed = self._next_batch(loader, cuts, epoch, consumed)
+                batches.append(batch)
             t0 = time.perf_counter()
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            metrics = opd(batch) if opd else sft_step(self.ddp, batch, ctc)
+            metrics = opd(batches) if opd else sft_step(self.ddp, batches, ctc)
             finite = self._all_finite(metrics.get("loss"))
             step += 1
             if not finite:
@@ -381,7 +384,7 @@ class Trainer:
                 _, grad_norm, _ = self.optimizer.step()
                 self.scheduler.step(1)
                 metrics["grad_norm"] = grad_norm
-            metrics.update(self._throughput(batch, time.perf_counter() - t0))
+            metrics.update(self._throughput(batches, time.perf_counter() - t0))
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             if cfg.eval_every and step % cfg.eval_every == 0:
                 rates = self.evaluate()
@@ -457,9 +460,9 @@ class Trainer:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0
 
-    def _throughput(self, batch, seconds: float) -> dict:
-        counts = torch.tensor([batch.num_tokens, len(batch.cut_ids)], dtype=torch.float64,
-                              device=self.dev)
+    def _throughput(self, batches, seconds: float) -> dict:
+        counts = torch.tensor([sum(b.num_tokens for b in batches), sum(len(b.cut_ids) for b in batches)],
+                              dtype=torch.float64, device=self.dev)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         mem = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                else psutil.Process().memory_info().rss / 2**30)

@@ -1,0 +1,55 @@
+"""One global, token-level loss over micro-batches and data-parallel ranks (SFT's
+cross-entropy and OPD's Eq. 1 divide by the positions of the whole global batch): the same
+utterances give the same loss and gradients however they are split."""
+
+import pytest
+import torch
+
+from ark_mega import checkpoint
+from ark_mega.config import load_config
+from conftest import torchrun
+from global_batch import LAYOUTS, WHOLE, gradients, initial_student, run_step
+
+
+def assert_same_gradients(got: dict, want: dict, tol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().clamp(min=1e-8)
+        assert (got[name] - want[name]).abs().max() / scale < tol, name
+
+
+@pytest.mark.parametrize("stage", ["sft", "opd"])
+def test_micro_batches_give_the_update_of_one_batch_holding_them(single_rank, stage):
+    student, one = run_step(stage, WHOLE[0])
+    want = gradients(student)
+    student, two = run_step(stage, [(0, 1), (1, 3)])  # uneven halves
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two.get("tokens", two.get("positions")) == one.get("tokens", one.get("positions"))
+    assert_same_gradients(gradients(student), want)
+
+
+@pytest.mark.parametrize("layout,stages", [("dp", ["sft", "opd"]), ("pp", ["sft"])])
+def test_layout_gives_the_loss_and_gradients_of_one_process(single_rank, tmp_path, layout, stages):
+    """DP = 2 with 1 and 3 utterances per rank against one process with all 4 in one
+    micro-batch; PP = 2 with four micro-batches against PP = 1 with the same four."""
+    init = str(tmp_path / "init")
+    checkpoint.save(init, 0, initial_student()[0])
+    records = torchrun("dist_global_batch.py", "--layout", layout, "--stages", ",".join(stages),
+                       "--init", init, "--out", str(tmp_path / "grads"))
+    assert [r["stage"] for r in records] == stages
+    reference = WHOLE[0] if layout == "dp" else LAYOUTS[layout]["split"][0]
+    for stage, record in zip(stages, records):
+        student, want = run_step(stage, reference)
+        assert record["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        count = "tokens" if stage == "sft" else "positions"
+        assert record[count] == want[count]
+        loaded = initial_student()[0]
+        checkpoint.load(str(tmp_path / "grads" / stage), loaded)
+        assert_same_gradients({n: p.detach() for n, p in loaded.named_parameters()},
+                              gradients(student))
+
+
+def test_micro_batches_setting_is_checked():
+    assert load_config(None, ["stage=sft", "data.micro_batches=4"]).data.micro_batches == 4
+    with pytest.raises(ValueError, match="micro_batches must be at least 1"):
+        load_config(None, ["stage=sft", "data.micro_batches=0"])
