@@ -54,10 +54,10 @@ def main() -> int:
     by_id = {c.id: c for c in cuts}
     rtf = {}
     with tqdm(total=len(by_id), unit=" utt", desc="transcribing") as bar:
-        def on_batch(ids, seconds):
-            audio = sum(by_id[i].duration for i in ids)
-            rtf.update({i: seconds / audio for i in ids})
-            bar.update(len(ids))
+        def on_batch(texts, seconds):
+            audio = sum(by_id[i].duration for i in texts)
+            rtf.update({i: seconds / audio for i in texts})
+            bar.update(len(texts))
 
         texts = transcribe(model, prompts, cuts, blocked_ids(prompts, model.cfg.decoder.vocab_size,
                                                              args.blocked_from),

@@ -39,6 +39,7 @@ from ..distributed import device, init_parallel
 from ..eval import error_rate
 from ..models import AudioLM, AudioLMConfig, preset
 from .steps import JointCTC, OPDStep, sft_step
+from .teacher_data import write_teacher_manifest
 from .token_map import TokenMap
 from .transcribe import blocked_ids, transcribe
 
@@ -269,44 +270,15 @@ class Trainer:
         return CutSet.from_cuts(spread_subset(list(cuts), subset))
 
     def _teacher_transcripts(self) -> str:
-        """TD: the teacher transcribes the training audio (data.subset of it), written as a
-        manifest."""
+        """TD: the teacher transcribes the training audio (data.subset of it) into a manifest,
+        resumably (ark_mega/opd/teacher_data.py)."""
         cfg = self.cfg
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
-        if os.path.isfile(out):
-            return out  # already made by this run before a restart
         cuts, _ = load_manifest(cfg.data.train)
-        cuts = CutSet.from_cuts(spread_subset(list(cuts), cfg.data.subset))
-        blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size,
-                              cfg.opd.blocked_from)
-        texts = transcribe(self.teacher, self.tp_, cuts, blocked,
-                           cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens)
-        if not any(t.strip() for t in texts.values()):
-            raise RuntimeError(f"TD: the teacher's transcripts of all {len(texts)} utterances of "
-                               f"{cfg.data.train} are empty; is teacher.checkpoint trained?")
-        if dist.get_rank() == 0:
-            base = os.path.dirname(os.path.abspath(out))
-            os.makedirs(base, exist_ok=True)
-            tmp = out + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                kept = 0
-                for c in cuts:
-                    text = texts[c.id].strip()
-                    if not text:
-                        continue  # an empty teacher transcript is no training target
-                    kept += 1
-                    src = c.recording.sources[0].source
-                    f.write(json.dumps({
-                        "audio": os.path.relpath(src, base), "text": text, "task": "asr",
-                        "begin_time": c.start, "end_time": c.start + c.duration,
-                        "language": c.supervisions[0].language,
-                        "source": {"teacher": cfg.teacher.checkpoint, "reference": c.supervisions[0].text,
-                                   "manifest": c.supervisions[0].custom["manifest"],
-                                   "line": c.supervisions[0].custom["line"]}}, ensure_ascii=False) + "\n")
-            os.replace(tmp, out)
-            print(f"TD: the teacher transcribed {len(cuts)} utterances, {kept} non-empty -> {out}")
-        dist.barrier()
-        return out
+        blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size, cfg.opd.blocked_from)
+        return write_teacher_manifest(self.teacher, self.tp_, spread_subset(list(cuts), cfg.data.subset),
+                                      out, blocked, cfg.opd.generation.max_new_tokens,
+                                      cfg.eval_batch_tokens, cfg.teacher.checkpoint)
 
     def _loader(self, cuts: CutSet, epoch: int, consumed: int):
         cfg = self.cfg

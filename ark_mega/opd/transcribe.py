@@ -46,8 +46,9 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
                max_new_tokens: int = 256, batch_tokens: int = 8192,
                on_batch=None) -> dict[str, str]:
     """{cut id: transcript} for every cut, on every rank. Data-parallel ranks split the cuts;
-    the ranks of one model replica decode the same batches together. `on_batch(cut_ids,
-    seconds)` is called after each of this rank's batches (progress, real-time factor)."""
+    the ranks of one model replica decode the same batches together. `on_batch(texts,
+    seconds)` is called after each of this rank's batches with its {cut id: transcript}
+    (progress, real-time factor, incremental output)."""
     device = next(model.parameters()).device
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     share = list(cuts)[dp_rank::dp]  # every cut goes to exactly one DP rank
@@ -62,9 +63,10 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
         feats = [f.to(device) for f in batch.audio_features]
         out = generate(model, [prompts.build(f.shape[-1]).input_ids for f in feats], feats,
                        prompts.stop_id, cfg, blocked.to(device))
-        mine.update({cid: answer_text(prompts, toks) for cid, toks in zip(batch.cut_ids, out.tokens)})
+        texts = {cid: answer_text(prompts, toks) for cid, toks in zip(batch.cut_ids, out.tokens)}
+        mine.update(texts)
         if on_batch is not None:
-            on_batch(batch.cut_ids, time.perf_counter() - t0)
+            on_batch(texts, time.perf_counter() - t0)
     if dp == 1:
         return mine
     gathered = [None] * dp

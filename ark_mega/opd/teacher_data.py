@@ -1,0 +1,144 @@
+"""TD's teacher transcripts as a resumable, data-parallel job.
+
+Each data-parallel replica appends its transcripts to its own shard, `<out>.part-dp<r>.jsonl`
+(`{"id", "text"}` per line, flushed after every batch). A restarted job reads every shard
+first and transcribes only the utterances none of them holds, whatever its data-parallel size;
+a line cut short by a kill is dropped. When all are done, rank 0 assembles the TD manifest in
+the order of the source manifest (reference JSONL with provenance: teacher checkpoint,
+reference text, source manifest and line; empty transcripts left out and counted), writes it
+atomically and removes the shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from lhotse import CutSet
+from megatron.core import parallel_state as ps
+
+from ..data.prompts import PromptBuilder
+from ..models.audio_lm import AudioLM
+from .transcribe import transcribe
+
+
+def _shards(out: str) -> list[str]:
+    return sorted(glob.glob(glob.escape(out) + ".part-dp*.jsonl"))
+
+
+def read_shard(path: str) -> dict[str, str]:
+    """{cut id: transcript} of a shard. A last line without its newline was being written when
+    the job was killed: it is cut off the file (and transcribed again)."""
+    done, good = {}, 0
+    with open(path, "rb") as f:
+        data = f.read()
+    for number, raw in enumerate(data.splitlines(keepends=True), 1):
+        if not raw.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(raw)
+            done[record["id"]] = record["text"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}: line {number} is not a transcript record "
+                             f"({raw[:80]!r})") from None
+        good += len(raw)
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts: list, out: str,
+                           blocked: torch.Tensor, max_new_tokens: int, batch_tokens: int,
+                           teacher_name: str) -> str:
+    """The teacher's transcripts of `cuts` as the TD manifest `out` (kept when it exists)."""
+    if os.path.isfile(out):
+        return out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    done = {}
+    for path in _shards(out):
+        done.update(read_shard(path))
+    dist.barrier()  # every rank has read the shards before any appends to them
+    todo = [c for c in cuts if c.id not in done]
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+    shard = open(f"{out}.part-dp{ps.get_data_parallel_rank()}.jsonl", "a", encoding="utf-8") \
+        if writer else None
+    progress = _Progress(len(done), len(cuts), writer and ps.get_data_parallel_rank() == 0,
+                         ps.get_data_parallel_world_size())
+
+    def on_batch(texts: dict[str, str], seconds: float) -> None:
+        if shard:
+            shard.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
+                             for i, t in texts.items())
+            shard.flush()
+        progress.add(len(texts))
+
+    try:
+        transcribe(teacher, prompts, CutSet.from_cuts(todo), blocked, max_new_tokens, batch_tokens,
+                   on_batch)
+    finally:
+        if shard:
+            shard.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _assemble(cuts, out, teacher_name)
+    dist.barrier()
+    return out
+
+
+def _assemble(cuts: list, out: str, teacher_name: str) -> None:
+    texts = {}
+    for path in _shards(out):
+        texts.update(read_shard(path))
+    missing = [c.id for c in cuts if c.id not in texts]
+    if missing:
+        raise RuntimeError(f"TD: {len(missing)} utterances have no transcript in the shards of "
+                           f"{out} (first: {missing[0]})")
+    if not any(texts[c.id].strip() for c in cuts):
+        raise RuntimeError(f"TD: the teacher's transcripts of all {len(cuts)} utterances are "
+                           f"empty; is teacher.checkpoint trained?")
+    base = os.path.dirname(os.path.abspath(out))
+    kept = 0
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        for c in cuts:
+            text = texts[c.id].strip()
+            if not text:
+                continue  # an empty teacher transcript is no training target
+            kept += 1
+            sup = c.supervisions[0]
+            f.write(json.dumps({
+                "audio": os.path.relpath(c.recording.sources[0].source, base), "text": text,
+                "task": "asr", "begin_time": c.start, "end_time": c.start + c.duration,
+                "language": sup.language,
+                "source": {"teacher": teacher_name, "reference": sup.text,
+                           "manifest": sup.custom["manifest"], "line": sup.custom["line"]}},
+                ensure_ascii=False) + "\n")
+    os.replace(out + ".tmp", out)
+    for path in _shards(out):
+        os.remove(path)
+    print(f"TD: the teacher transcribed {len(cuts)} utterances, {kept} non-empty "
+          f"({len(cuts) - kept} empty, left out) -> {out}", flush=True)
+
+
+class _Progress:
+    """A progress line about every 30 s (rank 0's replica; the others go at the same pace)."""
+
+    def __init__(self, done: int, total: int, show: bool, replicas: int):
+        self.done, self.total, self.show, self.replicas = done, total, show, replicas
+        self.t0 = self.last = time.perf_counter()
+        self.new = 0
+        if show and done:
+            print(f"TD: resuming, {done} of {total} utterances already transcribed", flush=True)
+
+    def add(self, n: int) -> None:
+        self.new += n * self.replicas  # an estimate: the replicas share the work evenly
+        now = time.perf_counter()
+        if self.show and (now - self.last > 30 or self.done + self.new >= self.total):
+            self.last = now
+            rate = self.new / max(now - self.t0, 1e-9)
+            print(f"TD: ~{min(self.done + self.new, self.total)}/{self.total} utterances, "
+                  f"{rate:.1f} utt/s", flush=True)
