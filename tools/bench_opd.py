@@ -219,7 +219,7 @@ def main() -> int:
     }
     report_so_far(result, result, args.out)  # written before the baseline runs, which may fail
     if args.profile:  # our step on the warm-up's 2 utterances
-        write_profile(args.profile, lambda: step(few), dev)
+        write_profile(args.profile, lambda: step([few]), dev)
     if args.no_baseline:
         return 0
 
