@@ -108,6 +108,15 @@ def test_bad_records_name_manifest_line_and_field(tmp_path, audio, kind, row, fi
     assert str(e.value).startswith(f"{m}:2: field '{field}':")
 
 
+@pytest.mark.parametrize("line,column", [('{"audio": "audio/a.flac", "text": ', 35),
+                                         ('{"audio": "audio/a.flac" "text": "x"}', 26)])
+def test_malformed_json_names_its_column(tmp_path, audio, line, column):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps(ref("a.flac")) + "\n" + line + "\n")
+    with pytest.raises(ManifestError, match=rf"m.jsonl:2: field '<json>': malformed JSON: .* at column {column}$"):
+        load_manifest(str(m))
+
+
 def test_non_utf8_text_is_named(tmp_path, audio):
     m = tmp_path / "m.jsonl"
     m.write_bytes(json.dumps(ref("a.flac")).encode() + b"\n"

@@ -76,6 +76,16 @@ def tok_file(tmp_path_factory):
     return str(path)
 
 
+def tensorboard_steps(out, tag):
+    """The steps of a scalar as TensorBoard shows them (events past a resume's purge step that
+    an earlier run wrote are dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
 def losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -105,6 +115,7 @@ def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, distri
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     with open(tmp_path / "b" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5]
+    assert tensorboard_steps(tmp_path / "b", "run/loss") == [1, 2, 3, 4, 5]  # step 3 purged once
     assert [a[s] for s in (3, 4, 5)] == [b[s] for s in (3, 4, 5)]  # bitwise equal
     assert a[5] < a[1]
 

@@ -89,8 +89,8 @@ def _records(path: str) -> Iterator[tuple[int, dict | ManifestError]]:
             except UnicodeDecodeError:
                 yield number, _encoding_error(path, number, raw)
                 continue
-            try:
-                obj = json.loads(text)
+            try:  # without its newline: an error at the line's end would be "column 1" of the next
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield number, ManifestError(path, number, "<json>", f"malformed JSON: {e.msg} "
                                             f"at column {e.colno}", "malformed_json")
