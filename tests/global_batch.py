@@ -17,7 +17,7 @@ from ark_mega.opd.steps import sft_step
 from opd_setup import batch, model, opd_step, tokenizer
 
 # utterances 0-3 of the held-out split, as one process with one micro-batch would see them
-WHOLE = [[(0, 4)]]
+WHOLE = [(0, 4)]
 LAYOUTS = {
     # two data-parallel ranks with 1 and 3 utterances: uneven numbers of scored positions
     "dp": {"pp": 1, "split": [[(0, 1)], [(1, 3)]]},

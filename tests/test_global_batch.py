@@ -20,7 +20,7 @@ def assert_same_gradients(got: dict, want: dict, tol=1e-5):
 
 @pytest.mark.parametrize("stage", ["sft", "opd"])
 def test_micro_batches_give_the_update_of_one_batch_holding_them(single_rank, stage):
-    student, one = run_step(stage, WHOLE[0])
+    student, one = run_step(stage, WHOLE)
     want = gradients(student)
     student, two = run_step(stage, [(0, 1), (1, 3)])  # uneven halves
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
@@ -37,7 +37,7 @@ def test_layout_gives_the_loss_and_gradients_of_one_process(single_rank, tmp_pat
     records = torchrun("dist_global_batch.py", "--layout", layout, "--stages", ",".join(stages),
                        "--init", init, "--out", str(tmp_path / "grads"))
     assert [r["stage"] for r in records] == stages
-    reference = WHOLE[0] if layout == "dp" else LAYOUTS[layout]["split"][0]
+    reference = WHOLE if layout == "dp" else LAYOUTS[layout]["split"][0]
     for stage, record in zip(stages, records):
         student, want = run_step(stage, reference)
         assert record["loss"] == pytest.approx(want["loss"], rel=1e-5)

@@ -128,9 +128,11 @@ SUMMED = ("fallbacks", "skipped", "time_rollout", "time_teacher")  # over micro-
 def _combine(per_micro: list[dict]) -> dict:
     """One step's rollout metrics from its micro-batches' (sums of counts and times, means of
     rates)."""
-    keys = {k for m in per_micro for k in m}
-    return {k: (sum if k in SUMMED else lambda v: sum(v) / len(v))([m[k] for m in per_micro if k in m])
-            for k in sorted(keys)}
+    out = {}
+    for key in sorted({k for m in per_micro for k in m}):
+        values = [m[key] for m in per_micro if key in m]
+        out[key] = sum(values) if key in SUMMED else sum(values) / len(values)
+    return out
 
 
 def agreement(student_logits: torch.Tensor, union, student_topk: torch.Tensor,

@@ -3,7 +3,8 @@
 Each data-parallel replica appends its transcripts to its own shard, `<out>.part-dp<r>.jsonl`
 (`{"id", "text"}` per line, flushed after every batch). A restarted job reads every shard
 first and transcribes only the utterances none of them holds, whatever its data-parallel size;
-a line cut short by a kill is dropped. When all are done, rank 0 assembles the TD manifest in
+a line cut short by a kill is dropped. When all are done (the shards read at the start plus
+what every replica transcribed, which each rank gets back), rank 0 writes the TD manifest in
 the order of the source manifest (reference JSONL with provenance: teacher checkpoint,
 reference text, source manifest and line; empty transcripts left out and counted), writes it
 atomically and removes the shards.
@@ -55,52 +56,44 @@ def read_shard(path: str) -> dict[str, str]:
 def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts: list, out: str,
                            blocked: torch.Tensor, max_new_tokens: int, batch_tokens: int,
                            teacher_name: str) -> str:
-    """The teacher's transcripts of `cuts` as the TD manifest `out` (kept when it exists)."""
-    if os.path.isfile(out):
-        return out
+    """The teacher's transcripts of `cuts` as the TD manifest `out`, resuming from its shards."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    done = {}
+    texts = {}
     for path in _shards(out):
-        done.update(read_shard(path))
+        texts.update(read_shard(path))
     dist.barrier()  # every rank has read the shards before any appends to them
-    todo = [c for c in cuts if c.id not in done]
+    todo = [c for c in cuts if c.id not in texts]
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
     shard = open(f"{out}.part-dp{ps.get_data_parallel_rank()}.jsonl", "a", encoding="utf-8") \
         if writer else None
-    progress = _Progress(len(done), len(cuts), writer and ps.get_data_parallel_rank() == 0,
+    progress = _Progress(len(texts), len(cuts), writer and ps.get_data_parallel_rank() == 0,
                          ps.get_data_parallel_world_size())
 
-    def on_batch(texts: dict[str, str], seconds: float) -> None:
+    def on_batch(batch_texts: dict[str, str], seconds: float) -> None:
         if shard:
             shard.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
-                             for i, t in texts.items())
+                             for i, t in batch_texts.items())
             shard.flush()
-        progress.add(len(texts))
+        progress.add(len(batch_texts))
 
     try:
-        transcribe(teacher, prompts, CutSet.from_cuts(todo), blocked, max_new_tokens, batch_tokens,
-                   on_batch)
+        texts.update(transcribe(teacher, prompts, CutSet.from_cuts(todo), blocked, max_new_tokens,
+                                batch_tokens, on_batch))
     finally:
         if shard:
             shard.close()
-    dist.barrier()
+    # every rank holds every transcript: all raise together rather than leave the others waiting
+    if not any(texts[c.id].strip() for c in cuts):
+        raise RuntimeError(f"TD: the teacher's transcripts of all {len(cuts)} utterances are "
+                           f"empty; is teacher.checkpoint trained?")
+    dist.barrier()  # every shard is closed
     if dist.get_rank() == 0:
-        _assemble(cuts, out, teacher_name)
+        _write(cuts, texts, out, teacher_name)
     dist.barrier()
     return out
 
 
-def _assemble(cuts: list, out: str, teacher_name: str) -> None:
-    texts = {}
-    for path in _shards(out):
-        texts.update(read_shard(path))
-    missing = [c.id for c in cuts if c.id not in texts]
-    if missing:
-        raise RuntimeError(f"TD: {len(missing)} utterances have no transcript in the shards of "
-                           f"{out} (first: {missing[0]})")
-    if not any(texts[c.id].strip() for c in cuts):
-        raise RuntimeError(f"TD: the teacher's transcripts of all {len(cuts)} utterances are "
-                           f"empty; is teacher.checkpoint trained?")
+def _write(cuts: list, texts: dict[str, str], out: str, teacher_name: str) -> None:
     base = os.path.dirname(os.path.abspath(out))
     kept = 0
     with open(out + ".tmp", "w", encoding="utf-8") as f:

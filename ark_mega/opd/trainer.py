@@ -274,6 +274,8 @@ class Trainer:
         resumably (ark_mega/opd/teacher_data.py)."""
         cfg = self.cfg
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
+        if os.path.isfile(out):
+            return out  # made by this run before a restart: the train manifest is not read
         cuts, _ = load_manifest(cfg.data.train)
         blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size, cfg.opd.blocked_from)
         return write_teacher_manifest(self.teacher, self.tp_, spread_subset(list(cuts), cfg.data.subset),
