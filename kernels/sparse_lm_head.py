@@ -6,6 +6,12 @@ entries whose ids it owns (zero elsewhere) and one all-reduce completes every ro
 gives the hidden-state gradient (all-reduced across the TP group, as for any column-parallel
 layer's input) and a row-scattered gradient for this rank's weight shard. Invalid ids (-1) and
 ids owned by other ranks give 0.
+
+The weight gradient is a segmented sum: the (row, column) entries are sorted by vocabulary id
+and each id's segment is summed by one program and written once. Atomic adds into a float32
+[V, H] buffer were 3/4 of the fused head's time on an H100 (docs/benchmarks.md), needed that
+buffer besides the gradient, and summed in a different order each run; the sorted sum is
+deterministic and writes the gradient in the weight's dtype directly.
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
 
 
 @triton.jit
-def _bwd_kernel(g_ptr, h_ptr, w_ptr, ids_ptr, gh_ptr, gw_ptr, u, hdim, vocab_start, v_local,
-                UP: tl.constexpr, BLOCK_H: tl.constexpr):
+def _grad_hidden_kernel(g_ptr, w_ptr, ids_ptr, gh_ptr, u, hdim, vocab_start, v_local,
+                        UP: tl.constexpr, BLOCK_H: tl.constexpr):
     n = tl.program_id(0)
     cols, local, owned = _row_ids(ids_ptr, n, u, vocab_start, v_local, UP)
     g = tl.load(g_ptr + n * u + cols, mask=owned, other=0.0).to(tl.float32)
@@ -69,12 +75,41 @@ def _bwd_kernel(g_ptr, h_ptr, w_ptr, ids_ptr, gh_ptr, gw_ptr, u, hdim, vocab_sta
         w = tl.load(w_ptr + local[:, None] * hdim + hs[None, :],
                     mask=owned[:, None] & in_h[None, :], other=0.0).to(tl.float32)
         tl.store(gh_ptr + n * hdim + hs, tl.sum(g[:, None] * w, axis=0), mask=in_h)
-        h = tl.load(h_ptr + n * hdim + hs, mask=in_h, other=0.0).to(tl.float32)
-        # a sum needs no ordering between rows: relaxed atomics (vector adds on sm_90). The
-        # order of the float32 additions varies from run to run on a GPU, so the weight
-        # gradient is not bitwise reproducible there
-        tl.atomic_add(gw_ptr + local[:, None] * hdim + hs[None, :], g[:, None] * h[None, :],
-                      mask=owned[:, None] & in_h[None, :], sem="relaxed")
+
+
+@triton.jit
+def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, seg_ids_ptr, gw_ptr, u, hdim,
+                        v_local, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (s, b): columns block b of the gradient row of segment s's id, the sum of
+    g[p] * hidden[p // u] over the segment's flat positions p (sorted by id)."""
+    seg = tl.program_id(0)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_h = hs < hdim
+    row = tl.load(seg_ids_ptr + seg)
+    if row < v_local:  # the last segment may hold the entries this shard does not own
+        start = tl.load(starts_ptr + seg)
+        end = tl.load(starts_ptr + seg + 1)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            in_j = js < end
+            p = tl.load(order_ptr + js, mask=in_j, other=0)
+            g = tl.load(g_ptr + p, mask=in_j, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + (p // u)[:, None] * hdim + hs[None, :],
+                        mask=in_j[:, None] & in_h[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(g[:, None] * h, axis=0)
+        tl.store(gw_ptr + row * hdim + hs, acc.to(gw_ptr.dtype.element_ty), mask=in_h)
+
+
+def _id_segments(ids, vocab_start: int, v_local: int):
+    """Flat positions sorted by local id, each segment's start (plus the end) and local id;
+    entries this shard does not own sort last under the id v_local."""
+    local, owned = _local_ids(ids, vocab_start, v_local)
+    keys, order = torch.sort(local.where(owned, v_local).flatten(), stable=True)
+    seg_ids, counts = torch.unique_consecutive(keys, return_counts=True)
+    starts = torch.zeros(counts.numel() + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return order, starts, seg_ids
 
 
 def _launch_shape(u: int, hdim: int):
@@ -100,13 +135,19 @@ class _SparseLogits(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, ids = ctx.saved_tensors
         n, hdim = hidden.shape
-        u = ids.shape[1]
+        u, v_local = ids.shape[1], weight.shape[0]
+        grad_out = grad_out.contiguous()
         grad_h = torch.empty(n, hdim, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         up, block_h = _launch_shape(u, hdim)
-        _bwd_kernel[(n,)](grad_out.contiguous(), hidden, weight, ids, grad_h, grad_w, u, hdim,
-                          ctx.vocab_start, weight.shape[0], UP=up, BLOCK_H=block_h)
-        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None
+        _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
+                                  v_local, UP=up, BLOCK_H=block_h)
+        grad_w = torch.zeros_like(weight)
+        order, starts, seg_ids = _id_segments(ids, ctx.vocab_start, v_local)
+        block_h = min(128, next_pow2(hdim))
+        _grad_weight_kernel[(seg_ids.numel(), triton.cdiv(hdim, block_h))](
+            grad_out, hidden, order, starts, seg_ids, grad_w, u, hdim, v_local,
+            BLOCK_J=32, BLOCK_H=block_h)
+        return grad_h.to(hidden.dtype), grad_w, None, None
 
 
 def sparse_lm_head(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
