@@ -55,7 +55,7 @@ def test_reference_jsonl(tmp_path, audio):
     wave = b.load_audio()
     assert wave.shape == (1, 16000)
     assert b.supervisions[0].text == "你好世界"
-    assert b.supervisions[0].custom == {"manifest": m, "line": 2}
+    assert b.supervisions[0].custom == {"manifest": m, "line": 2, "field": "audio"}
 
 
 def test_nemo_manifest_reads_durations_from_the_file(tmp_path, audio):
@@ -137,12 +137,12 @@ def test_skip_bad_counts_each_kind_and_enforces_the_bound(tmp_path, audio):
 
 
 def test_subsets_spread_over_the_whole_manifest():
-    from ark_mega.data import spread_subset
+    from ark_mega.data import in_subset
 
     records = ["en"] * 150 + ["zh"] * 150  # a manifest sorted by language, as the demo's was
-    chosen = spread_subset(records, 0.3)
+    chosen = [r for i, r in enumerate(records) if in_subset(i, 0.3)]
     assert len(chosen) == 90 and chosen.count("zh") == 45
-    assert spread_subset(list(range(10)), 0.3) == [0, 3, 6]  # deterministic, in order
-    assert spread_subset([7], 0.01) == [7]
+    assert [i for i in range(10) if in_subset(i, 0.3)] == [3, 6, 9]  # deterministic, in order
+    assert all(in_subset(i, 1.0) for i in range(5))
     with pytest.raises(ValueError, match="subset must be in"):
-        spread_subset(records, 0.0)
+        in_subset(0, 0.0)

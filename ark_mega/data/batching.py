@@ -15,16 +15,20 @@ covers each utterance's answer and stop token only.
 from __future__ import annotations
 
 import bisect
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from lhotse import CutSet
 from lhotse.cut import Cut
 from lhotse.dataset import DynamicBucketingSampler
+from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
 from lhotse.dataset.sampling.base import SamplingConstraint
 
 from .features import SAMPLE_RATE, LogMel, num_frames
+from .manifests import LoadPolicy, ManifestError, sample_problem
 from .prompts import Prompt, PromptBuilder
 
 
@@ -77,6 +81,7 @@ class DecoderTokenBudget(SamplingConstraint):
             raise ValueError(f"cut {example.id} needs {n} decoder tokens, more than the whole "
                              f"batch budget of {self.max_tokens}")
         self.current += n
+        self.longest = max(self.longest, n)
         i = bisect.bisect_left(self.bins, n)
         self.cap = max(self.cap, n, self.bins[i] if i < len(self.bins) else self.longest)
 
@@ -94,16 +99,23 @@ class DecoderTokenBudget(SamplingConstraint):
 
 
 class TokenBudgetSampler(DynamicBucketingSampler):
+    """Bucket edges come from the first `bins_estimate` cuts (one pass over a prefix of a lazy
+    CutSet), as in lhotse. A later cut longer than all of them raises the last bucket's edge
+    from then on; the batch it joins can exceed the budget by its excess over the longest cut
+    seen before (a sample of 10,000 makes that rare)."""
+
     def __init__(self, cuts: CutSet, max_tokens: int, count: Callable[[Cut], int],
                  num_buckets: int = 10, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False):
+                 world_size: int = 1, drop_last: bool = False, bins_estimate: int = 10000):
         budget = DecoderTokenBudget(max_tokens, count)
-        lengths = [count(c) for c in cuts]  # one pass over the cuts
-        if not lengths:
+        sample = list(islice(cuts, bins_estimate))
+        if not sample:
             raise ValueError("no cuts to sample from")
+        lengths = [count(c) for c in sample]
         # lhotse estimates bucket edges from two cuts at least: one cut gets its edge given
-        bins = [float(lengths[0])] if len(lengths) == 1 else None
-        super().__init__(cuts, constraint=budget, num_buckets=min(num_buckets, len(lengths)),
+        bins = ([float(lengths[0])] if len(sample) == 1 else
+                estimate_duration_buckets(sample, min(num_buckets, len(sample)), budget))
+        super().__init__(cuts, constraint=budget, num_buckets=min(num_buckets, len(sample)),
                          duration_bins=bins, shuffle=shuffle, seed=seed, rank=rank,
                          world_size=world_size, drop_last=drop_last)
         budget.bins = list(self.duration_bins)
@@ -139,6 +151,7 @@ class Batch:
     cut_ids: list[str]
     texts: list[str]
     num_tokens: int  # real decoder tokens (no padding)
+    skipped: list[ManifestError] = field(default_factory=list)  # cuts the workers dropped
 
     @property
     def efficiency(self) -> float:
@@ -158,8 +171,11 @@ class Collator:
 
     def __call__(self, cuts: CutSet) -> Batch:
         cuts = list(cuts)
-        waves = [torch.from_numpy(c.load_audio()[0]) for c in cuts]
-        feats = self.features(waves)
+        return self.from_waves(cuts, [c.load_audio()[0] for c in cuts])
+
+    def from_waves(self, cuts: list[Cut], waves: list[np.ndarray]) -> Batch:
+        """The Batch of cuts whose audio is already decoded (mono samples at 16 kHz)."""
+        feats = self.features([torch.from_numpy(w) for w in waves])
         prompts = [self.prompts.build(f.shape[-1], cut_text(c), c.supervisions[0].language)
                    for c, f in zip(cuts, feats)]
         return self.batch(prompts, feats, [c.id for c in cuts], [cut_text(c) for c in cuts])
@@ -214,13 +230,47 @@ class Collator:
         return ids, labels, mask, None
 
 
+@dataclass
+class SkippedCuts:
+    """What the loader returns for a sampled batch none of whose cuts could be decoded."""
+
+    skipped: list[ManifestError]
+
+
 class CutBatches(torch.utils.data.Dataset):
     """Map-style dataset over the sampler's CutSets, for torch's DataLoader
-    (`DataLoader(CutBatches(collator), sampler=sampler, batch_size=None, num_workers=n)`):
-    audio decoding, features and tokenisation run in the loader's workers."""
+    (`DataLoader(CutBatches(collator, policy), sampler=sampler, batch_size=None,
+    num_workers=n)`): audio decoding, features and tokenisation run in the loader's workers.
 
-    def __init__(self, collator: Collator):
-        self.collator = collator
+    Decoding is where a streamed manifest's audio is first read in full: a cut whose samples
+    cannot be trained on (unreadable, empty, non-finite, silent) raises a `ManifestError`
+    naming its manifest, line and field, or with `policy.skip_bad` is left out of its batch
+    and reported in `Batch.skipped` (a `SkippedCuts` when no cut of the batch is left)."""
 
-    def __getitem__(self, cuts: CutSet) -> Batch:
-        return self.collator(cuts)
+    def __init__(self, collator: Collator, policy: LoadPolicy | None = None):
+        self.collator, self.policy = collator, policy or LoadPolicy()
+
+    def __getitem__(self, cuts: CutSet) -> Batch | SkippedCuts:
+        kept, waves, skipped = [], [], []
+        for cut in cuts:
+            wave, problem = None, None
+            try:
+                wave = cut.load_audio()[0]
+                problem = sample_problem(wave, self.policy.silence_peak)
+            except Exception as e:  # decoders raise several types for corrupt files
+                problem = ("audio_unreadable", f"cannot decode audio: {e}")
+            if problem is None:
+                kept.append(cut)
+                waves.append(wave)
+                continue
+            where = cut.supervisions[0].custom or {}
+            err = ManifestError(where.get("manifest", "?"), where.get("line", 0),
+                                where.get("field", "audio"), problem[1], problem[0])
+            if not self.policy.skip_bad:
+                raise err
+            skipped.append(err)
+        if not kept:
+            return SkippedCuts(skipped)
+        batch = self.collator.from_waves(kept, waves)
+        batch.skipped = skipped
+        return batch

@@ -6,26 +6,31 @@ Accepted inputs:
 - NeMo-style JSONL: `audio_filepath`, `text`, `duration`, optional `offset` (with an offset the
   segment is [offset, offset + duration], without one the whole file);
 - lhotse CutSet manifests (`*.jsonl` / `*.jsonl.gz` of cuts) and lhotse Shar folders.
+JSONL manifests may be gzipped (`*.gz`); every format is read record by record.
 
 Relative audio paths are relative to the manifest's folder. Durations come from the audio files,
 never from the manifest. Every record is checked (see `AudioChecks`); a bad record raises a
 `ManifestError` naming the manifest, line and field, or, with `skip_bad`, is skipped and
 counted by kind, and the load fails if the skipped fraction exceeds `max_skip_fraction`.
 Nothing is ever replaced by other audio.
+
+`load_manifest` reads and checks a whole manifest into memory (held-out sets, tools);
+training streams its manifest instead (`ark_mega.data.stream`).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import soundfile as sf
-from lhotse import CutSet, Recording, SupervisionSegment
+from lhotse import AudioSource, CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut
 
 SAMPLE_RATE = 16000
@@ -38,6 +43,9 @@ class ManifestError(ValueError):
         self.manifest, self.line, self.field, self.reason, self.kind = (
             manifest, line, field_name, reason, kind)
         super().__init__(f"{manifest}:{line}: field '{field_name}': {reason}")
+
+    def __reduce__(self):  # data workers send these to the trainer
+        return ManifestError, (self.manifest, self.line, self.field, self.reason, self.kind)
 
 
 @dataclass
@@ -80,7 +88,7 @@ class SkipReport:
 
 def _records(path: str) -> Iterator[tuple[int, dict | ManifestError]]:
     """(line number, parsed object or the error) for each non-blank line of a JSONL file."""
-    with open(path, "rb") as f:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -118,8 +126,6 @@ def _encoding_error(path: str, number: int, raw: bytes) -> ManifestError:
 def manifest_format(path: str) -> str:
     if os.path.isdir(path):
         return "lhotse_shar"
-    if path.endswith(".gz"):
-        return "lhotse"
     for _, obj in _records(path):
         if isinstance(obj, ManifestError):
             continue
@@ -211,14 +217,20 @@ class AudioChecks:
         except Exception as e:
             raise self.error(line, audio_field, f"cannot decode audio {path}: {e}",
                              "audio_unreadable") from e
-        if data.size == 0:
-            raise self.error(line, audio_field, "segment has no samples", "empty_audio")
-        if not np.isfinite(data).all():
-            raise self.error(line, audio_field, "audio contains NaN or infinite samples",
-                             "audio_unreadable")
-        if np.abs(data).max() < self.policy.silence_peak:
-            raise self.error(line, audio_field, f"segment is silent (peak below "
-                             f"{self.policy.silence_peak})", "silent_audio")
+        problem = sample_problem(data, self.policy.silence_peak)
+        if problem:
+            raise self.error(line, audio_field, problem[1], problem[0])
+
+
+def sample_problem(data: np.ndarray, silence_peak: float) -> tuple[str, str] | None:
+    """(kind, reason) when decoded samples cannot be trained on, else None."""
+    if data.size == 0:
+        return "empty_audio", "segment has no samples"
+    if not np.isfinite(data).all():
+        return "audio_unreadable", "audio contains NaN or infinite samples"
+    if np.abs(data).max() < silence_peak:
+        return "silent_audio", f"segment is silent (peak below {silence_peak})"
+    return None
 
 
 def _seconds(checks: AudioChecks, line: int, obj: dict, name: str, default: float) -> float:
@@ -228,9 +240,12 @@ def _seconds(checks: AudioChecks, line: int, obj: dict, name: str, default: floa
     return float(value)
 
 
-def _make_cut(cut_id: str, path: str, begin: float, end: float, text: str,
-              language: str | None, manifest: str, line: int) -> Cut:
-    recording = Recording.from_file(path, recording_id=cut_id)
+def _make_cut(cut_id: str, path: str, info, begin: float, end: float, text: str,
+              language: str | None, manifest: str, line: int, audio_field: str = "audio") -> Cut:
+    """The cut of [begin, end] of the file `path`, whose header `info` was read once."""
+    recording = Recording(id=cut_id, sources=[AudioSource(type="file", channels=list(
+        range(info.channels)), source=path)], sampling_rate=info.samplerate,
+        num_samples=info.frames, duration=info.frames / info.samplerate)
     cut = recording.to_cut()
     if recording.num_channels > 1:
         cut = cut.to_mono(mono_downmix=True)
@@ -239,7 +254,7 @@ def _make_cut(cut_id: str, path: str, begin: float, end: float, text: str,
         cut = cut.resample(SAMPLE_RATE)
     cut.supervisions = [SupervisionSegment(
         id=cut_id, recording_id=cut_id, start=0.0, duration=cut.duration, text=text,
-        language=language, custom={"manifest": manifest, "line": line})]
+        language=language, custom={"manifest": manifest, "line": line, "field": audio_field})]
     return cut
 
 
@@ -259,7 +274,7 @@ def _reference_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cu
                                 None if end == -1 else end, ("begin_time", "end_time"), "audio")
     checks.samples(line, path, info.samplerate, begin, end, "audio")
     language = obj.get("language")
-    return _make_cut(cut_id, path, begin, end, text, language, checks.manifest, line)
+    return _make_cut(cut_id, path, info, begin, end, text, language, checks.manifest, line)
 
 
 def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
@@ -276,8 +291,9 @@ def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
         begin, end = checks.segment(line, path, duration, 0.0, None, ("offset", "duration"),
                                     "audio_filepath")
     checks.samples(line, path, info.samplerate, begin, end, "audio_filepath")
-    return _make_cut(cut_id, path, begin, end, text, obj.get("lang") or obj.get("language"),
-                     checks.manifest, line)
+    return _make_cut(cut_id, path, info, begin, end, text,
+                     obj.get("lang") or obj.get("language"), checks.manifest, line,
+                     "audio_filepath")
 
 
 def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
@@ -297,10 +313,9 @@ def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
         except Exception as e:
             raise checks.error(line, "recording", f"cannot decode audio: {e}",
                                "audio_unreadable") from e
-        if audio.size == 0:
-            raise checks.error(line, "recording", "cut has no samples", "empty_audio")
-        if np.abs(audio).max() < checks.policy.silence_peak:
-            raise checks.error(line, "recording", "cut is silent", "silent_audio")
+        problem = sample_problem(audio, checks.policy.silence_peak)
+        if problem:
+            raise checks.error(line, "recording", problem[1], problem[0])
     if cut.num_channels and cut.num_channels > 1:
         cut = cut.to_mono(mono_downmix=True)
     if cut.sampling_rate != SAMPLE_RATE:
@@ -309,7 +324,8 @@ def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
     language = sups[0].language
     cut.supervisions = [SupervisionSegment(
         id=cut.id, recording_id=cut.recording_id, start=0.0, duration=cut.duration, text=text,
-        language=language, custom={"manifest": checks.manifest, "line": line})]
+        language=language, custom={"manifest": checks.manifest, "line": line,
+                                    "field": "recording"})]
     return cut
 
 
@@ -328,22 +344,26 @@ def audio_files(paths: list[str], policy: LoadPolicy | None = None) -> tuple[Cut
                 begin, end = checks.segment(index, full, info.frames / info.samplerate, 0.0, None,
                                             ("begin_time", "end_time"), "audio")
                 checks.samples(index, full, info.samplerate, begin, end, "audio")
-                yield index, _make_cut(f"{os.path.basename(path)}:{index}", full, begin, end, "",
-                                       None, "<command line>", index)
+                yield index, _make_cut(f"{os.path.basename(path)}:{index}", full, info, begin, end,
+                                       "", None, "<command line>", index)
             except ManifestError as e:
                 yield index, e
 
     return _collect(records(), policy, "<command line>")
 
 
-def iter_records(path: str, policy: LoadPolicy) -> Iterator[tuple[int, Cut | ManifestError]]:
-    """(line, cut or error) for every record of the manifest, in order."""
+def iter_records(path: str, policy: LoadPolicy, keep: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[int, Cut | ManifestError]]:
+    """(line, cut or error) for every record of the manifest, in order, or for the records
+    whose 0-based index `keep` accepts (the others are not checked)."""
     fmt = manifest_format(path)
     checks = AudioChecks(path, policy)
     stem = os.path.basename(path.rstrip("/"))
     if fmt in ("reference", "nemo"):
         build = _reference_cut if fmt == "reference" else _nemo_cut
-        for line, obj in _records(path):
+        for index, (line, obj) in enumerate(_records(path)):
+            if keep is not None and not keep(index):
+                continue
             if isinstance(obj, ManifestError):
                 yield line, obj
                 continue
@@ -352,12 +372,14 @@ def iter_records(path: str, policy: LoadPolicy) -> Iterator[tuple[int, Cut | Man
             except ManifestError as e:
                 yield line, e
         return
-    cuts = CutSet.from_shar(in_dir=path) if fmt == "lhotse_shar" else CutSet.from_file(path)
-    for line, cut in enumerate(cuts, start=1):
+    cuts = CutSet.from_shar(in_dir=path) if fmt == "lhotse_shar" else CutSet.from_jsonl_lazy(path)
+    for index, cut in enumerate(cuts):
+        if keep is not None and not keep(index):
+            continue
         try:
-            yield line, _lhotse_cut(checks, line, cut)
+            yield index + 1, _lhotse_cut(checks, index + 1, cut)
         except ManifestError as e:
-            yield line, e
+            yield index + 1, e
 
 
 def load_manifest(path: str, policy: LoadPolicy | None = None,
@@ -392,11 +414,10 @@ def _collect(records, policy: LoadPolicy, path: str) -> tuple[CutSet, SkipReport
     return CutSet.from_cuts(cuts), report
 
 
-def spread_subset(records: list, fraction: float) -> list:
-    """`fraction` of `records` (at least one), evenly spaced over the whole list and in its
-    order: deterministic, and a manifest sorted by language or length keeps its mix."""
+def in_subset(index: int, fraction: float) -> bool:
+    """Whether record `index` (0-based) belongs to the `fraction` subset: one record in every
+    1/fraction, evenly spread over the manifest in its order (a manifest sorted by language or
+    length keeps its mix), decided record by record without knowing the manifest's length."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"subset must be in (0, 1], got {fraction}")
-    n = len(records)
-    keep = max(1, int(n * fraction))
-    return [records[i * n // keep] for i in range(keep)]
+    return int((index + 1) * fraction) > int(index * fraction)

@@ -33,8 +33,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from .. import checkpoint
 from ..config import ModelConfig, OptimConfig, RunConfig, coerce, to_dict
-from ..data import Collator, CutBatches, LoadPolicy, PromptBuilder, TokenBudgetSampler, TokenCounter
-from ..data import load_manifest, load_tokenizer, spread_subset
+from ..data import (Batch, Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder,
+                    TokenBudgetSampler, TokenCounter, load_manifest, load_tokenizer)
+from ..data.stream import ManifestStream, SkipLedger
 from ..distributed import device, init_parallel
 from ..eval import error_rate
 from ..models import AudioLM, AudioLMConfig, preset
@@ -257,17 +258,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _train_cuts(self) -> CutSet:
+    def _load_policy(self) -> LoadPolicy:
+        data = self.cfg.data
+        return LoadPolicy(skip_bad=data.skip_bad, max_skip_fraction=data.max_skip_fraction,
+                          max_duration=data.max_duration)
+
+    def _train_stream(self) -> ManifestStream:
         cfg = self.cfg
         manifest, subset = cfg.data.train, cfg.data.subset
         if cfg.stage == "td":  # the teacher transcribes the subset only: take all it wrote
             manifest, subset = self._teacher_transcripts(), 1.0
-        policy = LoadPolicy(skip_bad=cfg.data.skip_bad, max_skip_fraction=cfg.data.max_skip_fraction,
-                            max_duration=cfg.data.max_duration)
-        cuts, report = load_manifest(manifest, policy)
-        if report.skipped and self.is_writer:
-            print(report.summary())
-        return CutSet.from_cuts(spread_subset(list(cuts), subset))
+        return ManifestStream(manifest, self._load_policy(), subset,
+                              on_skip=self._report_skip if self.is_writer else None)
+
+    def _report_skip(self, err: ManifestError) -> None:
+        print(f"[{self.cfg.name}] skipped {err}", flush=True)
 
     def _teacher_transcripts(self) -> str:
         """TD: the teacher transcribes the training audio (data.subset of it) into a manifest,
@@ -276,11 +281,11 @@ class Trainer:
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
         if os.path.isfile(out):
             return out  # made by this run before a restart: the train manifest is not read
-        cuts, _ = load_manifest(cfg.data.train)
+        cuts = list(ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset))
         blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size, cfg.opd.blocked_from)
-        return write_teacher_manifest(self.teacher, self.tp_, spread_subset(list(cuts), cfg.data.subset),
-                                      out, blocked, cfg.opd.generation.max_new_tokens,
-                                      cfg.eval_batch_tokens, cfg.teacher.checkpoint)
+        return write_teacher_manifest(self.teacher, self.tp_, cuts, out, blocked,
+                                      cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens,
+                                      cfg.teacher.checkpoint)
 
     def _loader(self, cuts: CutSet, epoch: int, consumed: int):
         cfg = self.cfg
@@ -300,7 +305,8 @@ class Trainer:
             for _ in range(consumed):
                 next(it)
             sampler.load_state_dict(scout.state_dict())
-        return torch.utils.data.DataLoader(CutBatches(Collator(self.sp)), sampler=sampler,
+        return torch.utils.data.DataLoader(CutBatches(Collator(self.sp), self._load_policy()),
+                                           sampler=sampler,
                                            batch_size=None, num_workers=cfg.data.num_workers,
                                            persistent_workers=False)
 
@@ -315,7 +321,9 @@ class Trainer:
             step, epoch, consumed = extra["step"], extra["epoch"], extra["consumed"]
             if self.is_writer:
                 print(f"resumed from {found} at step {step}")
-        cuts = self._train_cuts()
+        stream = self._train_stream()
+        self.skips = SkipLedger(stream, ps.get_data_parallel_group(), self.dev)
+        cuts = stream.cuts()
         loader = iter(self._loader(cuts, epoch, consumed))
         opd = ctc = None
         if cfg.sft.ctc_weight:
@@ -359,6 +367,8 @@ class Trainer:
                 self.scheduler.step(1)
                 metrics["grad_norm"] = grad_norm
             metrics.update(self._throughput(batches, time.perf_counter() - t0))
+            metrics["data_skipped"], metrics["data_records_read"] = self.skips.check(
+                cfg.data.max_skip_fraction)
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             if cfg.eval_every and step % cfg.eval_every == 0:
                 rates = self.evaluate()
@@ -397,17 +407,27 @@ class Trainer:
     def _next_batch(self, loader, cuts, epoch, consumed):
         """The next batch on every data-parallel rank; a new epoch for all when any runs out
         (its other ranks' batch of that round is dropped, as with drop_last)."""
-        try:
-            batch = next(loader)
-        except StopIteration:
-            batch = None
+        batch, consumed = self._pull(loader, consumed)
         out = torch.tensor([0 if batch is not None else 1], device=self.dev)
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
         if out.item():
-            epoch, consumed = epoch + 1, 0
+            epoch = epoch + 1
             loader = iter(self._loader(cuts, epoch, 0))
-            batch = next(loader)
-        return batch, loader, epoch, consumed + 1
+            batch, consumed = self._pull(loader, 0)
+            if batch is None:
+                raise ValueError(f"{self.cfg.data.train}: an epoch gave this rank no batch")
+        return batch, loader, epoch, consumed
+
+    def _pull(self, loader, consumed: int):
+        """This rank's next batch that kept a cut (None at the end of the epoch), and the count
+        of sampler batches consumed; cuts the workers dropped go to the skip ledger."""
+        for item in loader:
+            consumed += 1
+            for err in self.skips.add(item.skipped):
+                self._report_skip(err)
+            if isinstance(item, Batch):
+                return item, consumed
+        return None, consumed
 
     def _mark_preempted(self, step: int) -> None:
         """Tell the launcher (slurm/opd.sbatch) that the run stopped on USR1 after saving: the

@@ -1,0 +1,101 @@
+"""Training data as a stream: lazy passes over a manifest, skips counted once, checks in the
+data workers, the skip bound enforced by the trainer."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ark_mega.config import load_config
+from ark_mega.data import Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder, SkippedCuts
+from ark_mega.data.stream import ManifestStream, SkipLedger
+from test_data_manifests import tone
+from test_data_pipeline import tokenizer  # noqa: F401 (fixture)
+from test_trainer import run_overrides, small_manifest, tok_file  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A gzipped reference manifest: 6 good records, a missing file at line 3 (found while
+    reading) and a silent file at line 5 (found only by decoding)."""
+    d = tmp_path / "audio"
+    d.mkdir()
+    sf.write(d / "silent.flac", np.zeros(16000, np.float32), 16000)
+    rows = []
+    for i in range(8):
+        name = "missing.flac" if i == 2 else "silent.flac" if i == 4 else f"{i}.flac"
+        if name == f"{i}.flac":
+            sf.write(d / name, tone(0.5 + 0.1 * i), 16000)
+        rows.append({"audio": f"audio/{name}", "text": f"utterance {i}", "language": "en"})
+    path = tmp_path / "m.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_each_pass_reads_anew_and_counts_a_bad_record_once(corpus):
+    met = []
+    stream = ManifestStream(corpus, LoadPolicy(skip_bad=True), on_skip=met.append)
+    first, second = [c.supervisions[0].custom["line"] for c in stream], list(stream)
+    assert first == [1, 2, 4, 5, 6, 7, 8] and len(second) == 7
+    assert [e.line for e in met] == [3] and met[0].kind == "audio_missing"
+    assert stream.records_read == 8 and stream.finished_pass
+    assert [c.supervisions[0].custom["line"] for c in ManifestStream(
+        corpus, LoadPolicy(skip_bad=True), 0.5)] == [2, 4, 6, 8]  # line 3 is not in this subset
+    with pytest.raises(ManifestError, match=r"m.jsonl.gz:3: field 'audio': file not found"):
+        list(ManifestStream(corpus, LoadPolicy()))
+
+
+def test_workers_drop_undecodable_cuts_and_name_their_line(corpus, tokenizer):  # noqa: F811
+    cuts = list(ManifestStream(corpus, LoadPolicy(skip_bad=True)))
+    silent = [c for c in cuts if c.supervisions[0].custom["line"] == 5]
+    data = CutBatches(Collator(PromptBuilder.student(tokenizer)), LoadPolicy(skip_bad=True))
+    batch = data[cuts[:5]]
+    assert len(batch.cut_ids) == 4
+    assert [(e.line, e.field, e.kind) for e in batch.skipped] == [(5, "audio", "silent_audio")]
+    assert isinstance(data[silent], SkippedCuts)
+    strict = CutBatches(Collator(PromptBuilder.student(tokenizer)), LoadPolicy())
+    with pytest.raises(ManifestError, match=r"m.jsonl.gz:5: field 'audio': segment is silent"):
+        strict[silent]
+
+
+def test_skip_ledger_judges_the_share_of_records_read(corpus):
+    stream = ManifestStream(corpus, LoadPolicy(skip_bad=True))
+    ledger = SkipLedger(stream)
+    list(stream)
+    silent = ManifestError(corpus, 5, "audio", "segment is silent", "silent_audio")
+    assert ledger.add([silent]) == [silent] and ledger.add([silent]) == []  # met again: once
+    assert ledger.check(0.25) == (2, 8)
+    with pytest.raises(ValueError, match=r"skipped 2 of the 8 records read \(25.00%\)"):
+        ledger.check(0.2)
+
+
+def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_path, tok_file,
+                                                             capfd):  # noqa: F811
+    from ark_mega.opd.trainer import Trainer
+
+    rows = [json.loads(line) for line in open(small_manifest(tmp_path, 24), encoding="utf-8")]
+    sf.write(tmp_path / "silent.flac", np.zeros(16000, np.float32), 16000)
+    rows.insert(5, dict(rows[0], audio=str(tmp_path / "missing.ogg")))
+    rows.insert(9, dict(rows[0], audio=str(tmp_path / "silent.flac")))
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def run(out, bound):
+        return Trainer(load_config(None, run_overrides(
+            tmp_path, tok_file, tmp_path / out, steps=16, save_every=20, **{
+                "data.train": str(manifest), "data.skip_bad": True,
+                "data.max_skip_fraction": bound}))).run()
+
+    result = run("ok", 0.1)  # 16 steps cover more than a pass over the 26 records
+    assert (result["data_skipped"], result["data_records_read"]) == (2, 26)
+    log = capfd.readouterr().out
+    assert f"skipped {manifest}:6: field 'audio': file not found" in log
+    assert f"skipped {manifest}:10: field 'audio': segment is silent" in log
+    with pytest.raises(ValueError, match=r"skipped 1 of the 26 records read \(3.85%\), more than "
+                                         r"data.max_skip_fraction=0.01"):
+        run("strict", 0.01)  # the missing file is known once the bucket edges are estimated
+    assert not os.path.isdir(tmp_path / "strict" / "checkpoints" / "step_000001")
