@@ -33,6 +33,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "examples/data/train.jsonl"
+    # a NeMo tarred dataset: its tar files (brace-expanded, `audio_{0..7}.tar`), with `train`
+    # its per-shard manifests (`manifest_{0..7}.json`)
+    tarred_audio_filepaths: str | None = None
     heldout: str | None = "examples/data/heldout.jsonl"
     subset: float = 1.0  # fraction of the training manifest used, evenly spread over it
     # a step = micro_batches packed micro-batches of up to max_tokens decoder tokens on each

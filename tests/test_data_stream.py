@@ -14,7 +14,7 @@ from ark_mega.data import Collator, CutBatches, LoadPolicy, ManifestError, Promp
 from ark_mega.data.stream import ManifestStream, SkipLedger
 from test_data_manifests import tone
 from test_data_pipeline import tokenizer  # noqa: F401 (fixture)
-from test_trainer import run_overrides, small_manifest, tok_file  # noqa: F401 (fixture)
+from test_trainer import ROOT, run_overrides, small_manifest, tok_file  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -99,3 +99,54 @@ def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_pa
                                          r"data.max_skip_fraction=0.01"):
         run("strict", 0.01)  # the missing file is known once the bucket edges are estimated
     assert not os.path.isdir(tmp_path / "strict" / "checkpoints" / "step_000001")
+
+
+def test_brace_expansion_follows_nemo():
+    from ark_mega.data.nemo_tarred import expand_braces
+
+    assert expand_braces("a_{0..2}.tar") == ["a_0.tar", "a_1.tar", "a_2.tar"]
+    assert expand_braces("a_{08..10}_{x,y}") == ["a_08_x", "a_08_y", "a_09_x", "a_09_y",
+                                                 "a_10_x", "a_10_y"]
+    assert expand_braces("a__OP_0..1_CL_.tar") == ["a_0.tar", "a_1.tar"]
+
+
+def nemo_tarred_set(folder, shards=2, per_shard=4):
+    """A NeMo tarred dataset of demo utterances: per shard a tar of audio and a manifest whose
+    `audio_filepath` names the members; shard 1's manifest also lists a member its tar lacks."""
+    import tarfile
+
+    src = os.path.join(ROOT, "examples", "data")
+    rows = [json.loads(line) for line in open(os.path.join(src, "train.jsonl"), encoding="utf-8")]
+    for shard in range(shards):
+        entries = []
+        with tarfile.open(folder / f"audio_{shard}.tar", "w") as tar:
+            for r in rows[shard * per_shard:(shard + 1) * per_shard]:
+                name = os.path.basename(r["audio"])
+                tar.add(os.path.join(src, r["audio"]), arcname=name)
+                entries.append({"audio_filepath": name, "text": r["text"], "duration": 1.0,
+                                "lang": r["language"], "shard_id": shard})
+        if shard == 1:
+            entries.insert(2, dict(entries[0], audio_filepath="not_in_the_tar.ogg"))
+        (folder / f"manifest_{shard}.json").write_text(
+            "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    return str(folder / f"manifest_{{0..{shards - 1}}}.json"), str(folder / f"audio_{{0..{shards - 1}}}.tar")
+
+
+def test_nemo_tarred_shards_stream_and_train(single_rank, tmp_path, tok_file):  # noqa: F811
+    from ark_mega.opd.trainer import Trainer
+
+    manifests, tars = nemo_tarred_set(tmp_path)
+    stream = ManifestStream(manifests, LoadPolicy(skip_bad=True), tarred_audio=tars)
+    cuts = list(stream)
+    assert len(cuts) == 8 and stream.records_read == 9
+    assert cuts[0].id == "audio_0.tar:train_00000_en.ogg" and cuts[0].load_audio().shape[0] == 1
+    ((where, err),) = stream.read_errors.items()
+    assert where == (str(tmp_path / "manifest_1.json"), 3) and err.kind == "audio_missing"
+    assert "not_in_the_tar.ogg is not in" in str(err)
+    with pytest.raises(ValueError, match="2 manifest\\(s\\) and data.tarred_audio_filepaths 1"):
+        list(ManifestStream(manifests, LoadPolicy(), tarred_audio=str(tmp_path / "audio_0.tar")))
+    out = tmp_path / "run"
+    result = Trainer(load_config(None, run_overrides(tmp_path, tok_file, out, steps=2, **{
+        "data.train": manifests, "data.tarred_audio_filepaths": tars, "data.skip_bad": True,
+        "data.max_skip_fraction": 0.2}))).run()
+    assert result["data_records_read"] == 9 and os.path.isdir(out / "checkpoints" / "step_000002")

@@ -240,12 +240,18 @@ def _seconds(checks: AudioChecks, line: int, obj: dict, name: str, default: floa
     return float(value)
 
 
-def _make_cut(cut_id: str, path: str, info, begin: float, end: float, text: str,
-              language: str | None, manifest: str, line: int, audio_field: str = "audio") -> Cut:
-    """The cut of [begin, end] of the file `path`, whose header `info` was read once."""
-    recording = Recording(id=cut_id, sources=[AudioSource(type="file", channels=list(
+def _file_recording(cut_id: str, path: str, info) -> Recording:
+    """The recording of the file `path`, from its header `info` (read once)."""
+    return Recording(id=cut_id, sources=[AudioSource(type="file", channels=list(
         range(info.channels)), source=path)], sampling_rate=info.samplerate,
         num_samples=info.frames, duration=info.frames / info.samplerate)
+
+
+def _make_cut(recording: Recording, begin: float, end: float, text: str, language: str | None,
+              manifest: str, line: int, audio_field: str = "audio") -> Cut:
+    """The cut of [begin, end] of `recording`, mono at 16 kHz, its transcript the supervision
+    (which remembers the record's manifest, line and audio field)."""
+    cut_id = recording.id
     cut = recording.to_cut()
     if recording.num_channels > 1:
         cut = cut.to_mono(mono_downmix=True)
@@ -274,7 +280,8 @@ def _reference_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cu
                                 None if end == -1 else end, ("begin_time", "end_time"), "audio")
     checks.samples(line, path, info.samplerate, begin, end, "audio")
     language = obj.get("language")
-    return _make_cut(cut_id, path, info, begin, end, text, language, checks.manifest, line)
+    return _make_cut(_file_recording(cut_id, path, info), begin, end, text, language,
+                     checks.manifest, line)
 
 
 def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
@@ -291,7 +298,7 @@ def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
         begin, end = checks.segment(line, path, duration, 0.0, None, ("offset", "duration"),
                                     "audio_filepath")
     checks.samples(line, path, info.samplerate, begin, end, "audio_filepath")
-    return _make_cut(cut_id, path, info, begin, end, text,
+    return _make_cut(_file_recording(cut_id, path, info), begin, end, text,
                      obj.get("lang") or obj.get("language"), checks.manifest, line,
                      "audio_filepath")
 
@@ -344,8 +351,8 @@ def audio_files(paths: list[str], policy: LoadPolicy | None = None) -> tuple[Cut
                 begin, end = checks.segment(index, full, info.frames / info.samplerate, 0.0, None,
                                             ("begin_time", "end_time"), "audio")
                 checks.samples(index, full, info.samplerate, begin, end, "audio")
-                yield index, _make_cut(f"{os.path.basename(path)}:{index}", full, info, begin, end,
-                                       "", None, "<command line>", index)
+                recording = _file_recording(f"{os.path.basename(path)}:{index}", full, info)
+                yield index, _make_cut(recording, begin, end, "", None, "<command line>", index)
             except ManifestError as e:
                 yield index, e
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lhotse import CutSet
 
 from .manifests import LoadPolicy, ManifestError, in_subset, iter_records
+from .nemo_tarred import iter_nemo_tarred
 
 MIN_RECORDS_TO_JUDGE = 1000
 
@@ -31,25 +32,31 @@ class ManifestStream:
     """The cuts of `fraction` of a manifest's records, read anew on every iteration."""
 
     def __init__(self, path: str, policy: LoadPolicy, fraction: float = 1.0,
-                 on_skip: Callable[[ManifestError], None] | None = None):
+                 on_skip: Callable[[ManifestError], None] | None = None,
+                 tarred_audio: str | None = None):
+        """`tarred_audio`: the tar files of a NeMo tarred dataset whose manifests `path` names
+        (both brace-expanded, `ark_mega.data.nemo_tarred`)."""
         in_subset(0, fraction)  # check the fraction now, not at the first pass
         self.path, self.fraction, self.on_skip = path, fraction, on_skip
+        self.tarred_audio = tarred_audio
         self.policy = replace(policy, decode_audio=False)  # decoding is the workers' job
         self.records_read = 0  # records of the subset read by the furthest pass
         self.finished_pass = False
-        self.read_errors: dict[int, ManifestError] = {}  # line -> error
+        self.read_errors: dict[tuple[str, int], ManifestError] = {}  # (manifest, line) -> error
 
     def __iter__(self):
         read = 0
-        for line, item in iter_records(self.path, self.policy,
-                                       keep=lambda i: in_subset(i, self.fraction)):
+        keep = lambda i: in_subset(i, self.fraction)  # noqa: E731
+        records = (iter_nemo_tarred(self.path, self.tarred_audio, self.policy, keep)
+                   if self.tarred_audio else iter_records(self.path, self.policy, keep))
+        for line, item in records:
             read += 1
             self.records_read = max(self.records_read, read)
             if isinstance(item, ManifestError):
                 if not self.policy.skip_bad:
                     raise item
-                if line not in self.read_errors:
-                    self.read_errors[line] = item
+                if (item.manifest, line) not in self.read_errors:
+                    self.read_errors[(item.manifest, line)] = item
                     if self.on_skip:
                         self.on_skip(item)
                 continue

@@ -35,6 +35,7 @@ from .. import checkpoint
 from ..config import ModelConfig, OptimConfig, RunConfig, coerce, to_dict
 from ..data import (Batch, Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder,
                     TokenBudgetSampler, TokenCounter, load_manifest, load_tokenizer)
+from ..data.nemo_tarred import shard_pairs
 from ..data.stream import ManifestStream, SkipLedger
 from ..distributed import device, init_parallel
 from ..eval import error_rate
@@ -123,7 +124,12 @@ CHECKPOINT_BYTES_PER_PARAM = 2 + 4 + 8
 def check_inputs(cfg: RunConfig, model: AudioLM) -> None:
     """Before the first step: the manifests exist, the output folder is writable and its disk
     has room for one checkpoint (every rank checks; a failure names the setting and path)."""
-    for key, path in (("data.train", cfg.data.train), ("data.heldout", cfg.data.heldout)):
+    manifests = [("data.heldout", cfg.data.heldout)]
+    if cfg.data.tarred_audio_filepaths:  # every shard's manifest and tar
+        shard_pairs(cfg.data.train, cfg.data.tarred_audio_filepaths)
+    else:
+        manifests.append(("data.train", cfg.data.train))
+    for key, path in manifests:
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{key}: {path} does not exist")
     try:
@@ -265,11 +271,12 @@ class Trainer:
 
     def _train_stream(self) -> ManifestStream:
         cfg = self.cfg
-        manifest, subset = cfg.data.train, cfg.data.subset
+        manifest, subset, tars = cfg.data.train, cfg.data.subset, cfg.data.tarred_audio_filepaths
         if cfg.stage == "td":  # the teacher transcribes the subset only: take all it wrote
-            manifest, subset = self._teacher_transcripts(), 1.0
+            manifest, subset, tars = self._teacher_transcripts(), 1.0, None
         return ManifestStream(manifest, self._load_policy(), subset,
-                              on_skip=self._report_skip if self.is_writer else None)
+                              on_skip=self._report_skip if self.is_writer else None,
+                              tarred_audio=tars)
 
     def _report_skip(self, err: ManifestError) -> None:
         print(f"[{self.cfg.name}] skipped {err}", flush=True)
@@ -281,7 +288,8 @@ class Trainer:
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
         if os.path.isfile(out):
             return out  # made by this run before a restart: the train manifest is not read
-        cuts = list(ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset))
+        cuts = list(ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset,
+                                   tarred_audio=cfg.data.tarred_audio_filepaths))
         blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size, cfg.opd.blocked_from)
         return write_teacher_manifest(self.teacher, self.tp_, cuts, out, blocked,
                                       cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens,
