@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .distributed import ParallelConfig
+from .kernels.union_kl import check_divergence
 from .opd.generate import GenerationConfig
 
 
@@ -81,9 +82,14 @@ class OPDSettings:
     fallback_to_reference: bool = False
     min_token_map_coverage: float = 0.5
     blocked_from: int | None = None  # ids >= this are never generated (151670 for Ark-ASR)
+    # the divergence over the union support: forward_kl (the paper's Eq. 1), reverse_kl, or
+    # jsd with mixing weight jsd_beta (docs/kernels.md gives each formula and gradient)
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
+        check_divergence(self.divergence, self.jsd_beta)
         # one distillation width: the rollout keeps the student's top-k for the union
         if self.generation.top_k is None:
             self.generation.top_k = self.top_k

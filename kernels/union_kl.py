@@ -1,15 +1,24 @@
-"""The OPD loss over the union support (method.md, step 6):
+"""The OPD loss over the union support (the paper's Eq. 1 with its forward KL, the default):
 
-    loss = 1/|T| * sum_{t in T} tau^2 * KL( softmax(z_T,t / tau) || softmax(z_S,t / tau) )
+    loss = 1/|T| * sum_{t in T} tau^2 * D( p_t, q_t ),
+    p_t = softmax(z_T,t / tau), q_t = softmax(z_S,t / tau)
 
 both softmaxes over the valid entries of row t only; T = rows with at least two valid entries.
-Gradient (student logits only): tau * (softmax(z_S/tau) - softmax(z_T/tau)) / |T| on valid
-entries of rows in T. The kernel computes loss and gradient in one pass over the rows.
-`reduction="sum"` leaves out the 1/|T|: the trainer divides by |T| of the whole global batch
-(all micro-batches and data-parallel ranks), which one micro-batch cannot know.
+The divergence D and its gradient in the student logits (valid entries of rows in T, / |T|):
+
+    forward_kl  KL(p || q)                          tau * (q - p)
+    reverse_kl  KL(q || p)                          tau * q * (log q - log p - KL(q || p))
+    jsd         beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                                                    tau * (1 - beta) * q * (log q - log m - KL(q || m))
+
+The kernel computes loss and gradient in one pass over the rows. `reduction="sum"` leaves out
+the 1/|T|: the trainer divides by |T| of the whole global batch (all micro-batches and
+data-parallel ranks), which one micro-batch cannot know.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -18,25 +27,37 @@ import triton.language as tl
 from ._backend import next_pow2, use_triton
 
 
-def union_kl_rows(student_logits, teacher_scores, valid, tau: float = 1.0):
-    """tau^2 * KL per row [N] over its valid entries, and which rows count (>= 2 valid)."""
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def union_kl_rows(student_logits, teacher_scores, valid, tau: float = 1.0,
+                  divergence: str = "forward_kl", beta: float = 0.5):
+    """tau^2 * D(p, q) per row [N] over its valid entries, and which rows count (>= 2 valid)."""
     neg_inf = torch.finfo(student_logits.dtype).min
     log_q = torch.log_softmax((student_logits / tau).masked_fill(~valid, neg_inf), dim=-1)
     log_p = torch.log_softmax((teacher_scores.to(student_logits.dtype) / tau).masked_fill(~valid, neg_inf), dim=-1)
-    kl_rows = (log_p.exp() * (log_p - log_q)).masked_fill(~valid, 0.0).sum(-1) * tau ** 2
-    return kl_rows, valid.sum(-1) >= 2
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        terms = p * (log_p - log_q)
+    elif divergence == "reverse_kl":
+        terms = q * (log_q - log_p)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+        terms = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
+    return terms.masked_fill(~valid, 0.0).sum(-1) * tau ** 2, valid.sum(-1) >= 2
 
 
 def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0,
-                       reduction: str = "mean"):
-    kl_rows, counted = union_kl_rows(student_logits, teacher_scores, valid, tau)
+                       reduction: str = "mean", divergence: str = "forward_kl",
+                       beta: float = 0.5):
+    kl_rows, counted = union_kl_rows(student_logits, teacher_scores, valid, tau, divergence, beta)
     total = (kl_rows * counted).sum()
     return total / counted.sum().clamp(min=1) if reduction == "mean" else total
 
 
 @triton.jit
 def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_rows, u, inv_tau,
-                     UP: tl.constexpr, BLOCK_N: tl.constexpr):
+                     beta, UP: tl.constexpr, BLOCK_N: tl.constexpr, DIVERGENCE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, UP)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < u)
@@ -58,17 +79,29 @@ def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_r
     log_p = t - tl.log(t_sum)[:, None]
     p = t_exp / t_sum[:, None]
     q = s_exp / s_sum[:, None]
-    kl = tl.sum(tl.where(ok, p * (log_p - log_q), 0.0), axis=1)
     tau = 1.0 / inv_tau
+    if DIVERGENCE == 0:  # forward KL
+        kl = tl.sum(tl.where(ok, p * (log_p - log_q), 0.0), axis=1)
+        grad = (q - p) * tau
+    elif DIVERGENCE == 1:  # reverse KL
+        kl = tl.sum(tl.where(ok, q * (log_q - log_p), 0.0), axis=1)
+        grad = q * (log_q - log_p - kl[:, None]) * tau
+    else:  # JSD(beta): log m = logaddexp(log beta + log p, log(1 - beta) + log q)
+        a = log_p + tl.log(beta)
+        b = log_q + tl.log(1.0 - beta)
+        top = tl.maximum(a, b)
+        log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+        kl_qm = tl.sum(tl.where(ok, q * (log_q - log_m), 0.0), axis=1)
+        kl = beta * tl.sum(tl.where(ok, p * (log_p - log_m), 0.0), axis=1) + (1.0 - beta) * kl_qm
+        grad = (1.0 - beta) * q * (log_q - log_m - kl_qm[:, None]) * tau
     tl.store(kl_ptr + rows, tl.where(counted, kl * tau * tau, 0.0), mask=rows < n_rows)
     tl.store(counted_ptr + rows, counted.to(tl.int32), mask=rows < n_rows)
-    grad = tl.where(ok & counted[:, None], (q - p) * tau, 0.0)
-    tl.store(grad_ptr + offs, grad, mask=inside)
+    tl.store(grad_ptr + offs, tl.where(ok & counted[:, None], grad, 0.0), mask=inside)
 
 
 class _UnionKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_scores, valid, tau, reduction):
+    def forward(ctx, student_logits, teacher_scores, valid, tau, reduction, divergence, beta):
         n, u = student_logits.shape
         kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         counted = torch.empty(n, dtype=torch.int32, device=student_logits.device)
@@ -77,7 +110,8 @@ class _UnionKL(torch.autograd.Function):
         block_n = max(1, min(64, 8192 // up))
         _union_kl_kernel[(triton.cdiv(n, block_n),)](
             student_logits.contiguous(), teacher_scores.contiguous(), valid.contiguous(), kl,
-            counted, grad, n, u, 1.0 / tau, UP=up, BLOCK_N=block_n)
+            counted, grad, n, u, 1.0 / tau, beta, UP=up, BLOCK_N=block_n,
+            DIVERGENCE=DIVERGENCES.index(divergence))
         count = counted.sum().clamp(min=1) if reduction == "mean" else kl.new_ones(())
         ctx.save_for_backward(grad, count)
         ctx.dtype = student_logits.dtype
@@ -86,20 +120,30 @@ class _UnionKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad, count = ctx.saved_tensors
-        return (grad * (grad_out / count)).to(ctx.dtype), None, None, None, None
+        return (grad * (grad_out / count)).to(ctx.dtype), None, None, None, None, None, None
 
 
 def union_kl(student_logits: torch.Tensor, teacher_scores: torch.Tensor, valid: torch.Tensor,
-             tau: float = 1.0, impl: str = "auto", reduction: str = "mean") -> torch.Tensor:
-    """Scalar OPD loss, the mean over the rows that count (or their `sum`); gradient flows to
-    `student_logits` [N, U] only."""
+             tau: float = 1.0, impl: str = "auto", reduction: str = "mean",
+             divergence: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """Scalar OPD loss, the mean over the rows that count (or their `sum`) of the `divergence`
+    (`beta`: the JSD's mixing weight); gradient flows to `student_logits` [N, U] only."""
     if not (student_logits.shape == teacher_scores.shape == valid.shape):
         raise ValueError("student logits, teacher scores and valid mask must share one [N, U] shape")
     if tau <= 0:
         raise ValueError(f"temperature must be positive, got {tau}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+    check_divergence(divergence, beta)
     if not use_triton(impl, student_logits):
-        return union_kl_reference(student_logits, teacher_scores, valid.bool(), tau, reduction)
+        return union_kl_reference(student_logits, teacher_scores, valid.bool(), tau, reduction,
+                                  divergence, beta)
     return _UnionKL.apply(student_logits, teacher_scores.detach(), valid.bool(), float(tau),
-                          reduction)
+                          reduction, divergence, float(beta))
+
+
+def check_divergence(divergence: str, beta: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"the JSD's beta must be in (0, 1), got {beta}")

@@ -51,7 +51,7 @@ def batch(sp, n=3, start=0):
 
 
 def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallback=False,
-             temperature=1.0):
+             temperature=1.0, divergence="forward_kl", beta=0.5):
     s_tok = tokenizer()
     t_tok = teacher_tokenizer or s_tok
     sp, tp = PromptBuilder.student(s_tok), PromptBuilder.teacher(t_tok)
@@ -59,7 +59,7 @@ def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallba
     for p in teacher.parameters():
         p.requires_grad_(False)
     settings = OPDSettings(top_k=top_k, fallback_to_reference=fallback, temperature=temperature,
-                           generation=GenerationConfig(max_new_tokens=max_new_tokens, top_k=top_k))
+                           divergence=divergence, jsd_beta=beta, generation=GenerationConfig(max_new_tokens=max_new_tokens, top_k=top_k))
     step = OPDStep(student, teacher, sp, tp, TokenMap(s_tok, t_tok, VOCAB, VOCAB), settings,
                    blocked_ids(sp, VOCAB))
     return step, sp, teacher

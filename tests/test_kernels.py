@@ -92,6 +92,46 @@ def test_union_kl_kernel_against_float64(u, tau, reduction):
     assert torch.all(grad[~valid] == 0) and torch.all(grad[:2] == 0)
 
 
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1)])
+@pytest.mark.parametrize("u", [2, 64])
+def test_divergence_kernels_against_float64(divergence, beta, u):
+    s, t, valid = kl_inputs(33, u, seed=u + 1)
+    s_k = s.clone().to(DEV).requires_grad_()
+    loss = union_kl(s_k, *on_dev(t, valid), 2.0, impl="triton", divergence=divergence, beta=beta)
+    loss.backward()
+    s64 = s.double().requires_grad_()
+    ref = union_kl_reference(s64, t.double(), valid, 2.0, divergence=divergence, beta=beta)
+    ref.backward()
+    assert rel(loss.cpu(), ref) < 1e-5 and rel(s_k.grad.cpu(), s64.grad) < 1e-5
+    assert torch.all(s_k.grad.cpu()[~valid] == 0)
+
+
+def test_divergence_references_are_their_definitions():
+    """Row by row from the definitions (softmaxes over the valid entries only), and gradchecked."""
+    s, t, valid = kl_inputs(7, 6, seed=5, dtype=torch.float64)
+    tau, beta = 2.0, 0.3
+    kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
+    want = {"reverse_kl": [], "jsd": []}
+    for i in range(7):
+        if valid[i].sum() < 2:
+            continue
+        p = torch.softmax(t[i][valid[i]] / tau, 0)
+        q = torch.softmax(s[i][valid[i]] / tau, 0)
+        m = beta * p + (1 - beta) * q
+        want["reverse_kl"].append(tau ** 2 * kl(q, p))
+        want["jsd"].append(tau ** 2 * (beta * kl(p, m) + (1 - beta) * kl(q, m)))
+    for divergence, rows in want.items():
+        got = union_kl_reference(s, t, valid, tau, divergence=divergence, beta=beta)
+        assert got.item() == pytest.approx(sum(rows).item() / len(rows), rel=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda x: union_kl_reference(x, t, valid, tau, divergence=divergence, beta=beta),
+            (s.clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        union_kl(s, t, valid, divergence="kl")
+    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\)"):
+        union_kl(s, t, valid, divergence="jsd", beta=1.0)
+
+
 def test_union_kl_reference_is_the_paper_equation():
     s, t, valid = kl_inputs(7, 6, seed=3, dtype=torch.float64)
     tau, total, rows = 2.0, 0.0, 0

@@ -33,11 +33,12 @@ def test_kv_cache_generation_equals_full_recomputation(single_rank):
     assert len({tuple(t) for t in out.tokens}) > 1
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau):
+@pytest.mark.parametrize("tau,divergence,beta", [(1.0, "forward_kl", 0), (2.0, "forward_kl", 0),
+                                                 (1.0, "reverse_kl", 0), (2.0, "jsd", 0.3)])
+def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau, divergence, beta):
     sp = PromptBuilder.student(tokenizer())
     student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
-    step, sp, teacher = opd_step(student, temperature=tau)
+    step, sp, teacher = opd_step(student, temperature=tau, divergence=divergence, beta=beta or 0.5)
     b = batch(sp)
     work, _ = step.prepare(b)
     micro, flat, union = work["micro"], work["flat"], work["union"]
@@ -47,7 +48,9 @@ def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau):
     student.zero_grad()
     full = student(micro["input_ids"], micro["audio_features"], micro["cu_seqlens"])[flat, 0]
     # the paper's Eq. 1 in float64, position by position: tau^2 * KL(p_T || p_S) over the union
-    # ids, both renormalised at temperature tau, averaged over positions with >= 2 union ids
+    # ids (or the other divergences), both renormalised at temperature tau, averaged over
+    # positions with >= 2 union ids
+    kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
     terms = []
     for row in range(full.shape[0]):
         ids = union.ids[row][union.valid[row]]
@@ -55,7 +58,10 @@ def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau):
             continue
         log_p = torch.log_softmax(union.teacher_scores[row][union.valid[row]].double() / tau, 0)
         log_q = torch.log_softmax(full[row, ids].double() / tau, 0)
-        terms.append(tau ** 2 * (log_p.exp() * (log_p - log_q)).sum())
+        p, q = log_p.exp(), log_q.exp()
+        m = beta * p + (1 - beta) * q
+        terms.append(tau ** 2 * {"forward_kl": kl(p, q), "reverse_kl": kl(q, p),
+                                 "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m)}[divergence])
     direct = torch.stack(terms).mean()
     assert metrics["loss"] == pytest.approx(direct.item(), rel=1e-5)
     direct.backward()  # and its gradients, through the whole student

@@ -243,7 +243,8 @@ class OPDStep:
             logits = sparse_lm_head(hidden[work["flat"], 0], weight, union.ids, vocab_start=start,
                                     tensor_parallel=tp > 1)
             loss = union_kl(logits, union.teacher_scores, union.valid, self.cfg.temperature,
-                            reduction="sum")
+                            reduction="sum", divergence=self.cfg.divergence,
+                            beta=self.cfg.jsd_beta)
             return norm(loss), {"loss": loss.detach(), "vuss": union.vuss,
                                 **agreement(logits.detach(), union, work["student_topk"],
                                             self.cfg.temperature)}
