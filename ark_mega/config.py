@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, YAML files and dotted command-line overrides.
 
-    cfg = load_config("examples/configs/demo_opd.yaml", ["optim.lr=1e-5", "steps=20"])
+    cfg = load_config("examples/configs/ark_asr_opd.yaml", ["optim.lr=1e-5", "steps=20"])
 
 Unknown keys and values of the wrong type are errors that name the key.
 """
@@ -16,7 +16,6 @@ import yaml
 
 from .distributed import ParallelConfig
 from .kernels.union_kl import check_divergence
-from .opd.generate import GenerationConfig
 
 
 @dataclass
@@ -73,6 +72,20 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr ({self.min_lr}) is above optim.lr ({self.lr})")
+
+
+@dataclass
+class GenerationConfig:
+    """How a rollout decodes (ark_mega.opd.generate)."""
+
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # candidates kept per step: the student top-k of the OPD union (in a run config it follows
+    # opd.top_k; None there), and the sampling pool
+    top_k: int | None = None
+    seed: int = 0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from lhotse import CutSet
 from ark_mega.config import OPDSettings
 from ark_mega.data import Collator, PromptBuilder, load_manifest, train_bpe_tokenizer
 from ark_mega.models import AudioLM, preset
-from ark_mega.opd.generate import GenerationConfig
+from ark_mega.config import GenerationConfig
 from ark_mega.opd.steps import OPDStep
 from ark_mega.opd.token_map import TokenMap
 from ark_mega.opd.transcribe import blocked_ids

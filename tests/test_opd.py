@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ark_mega.data import PromptBuilder
-from ark_mega.opd.generate import GenerationConfig, generate
+from ark_mega.config import GenerationConfig
+from ark_mega.opd.generate import generate
 from ark_mega.opd.scoring import packed
 from ark_mega.opd.token_map import TokenMap, align_by_characters, byte_spans
 from opd_setup import batch, model, opd_step, tokenizer

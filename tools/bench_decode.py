@@ -43,8 +43,9 @@ def main() -> int:
         return 2
     dev, dtype = where
 
+    from ark_mega.config import GenerationConfig
     from ark_mega.distributed import ParallelConfig, init_parallel
-    from ark_mega.opd.generate import GenerationConfig, generate
+from ark_mega.opd.generate import generate
     from ark_mega.opd.transcribe import blocked_ids
 
     init_parallel(ParallelConfig())

@@ -35,7 +35,7 @@ def sync():
 
 def build(args):
     from ark_mega.config import OPDSettings
-    from ark_mega.opd.generate import GenerationConfig
+    from ark_mega.config import GenerationConfig
     from ark_mega.opd.steps import OPDStep
     from ark_mega.opd.token_map import TokenMap
     from ark_mega.opd.transcribe import blocked_ids

@@ -18,20 +18,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from ..config import GenerationConfig
 from ..kernels import teacher_topk
 from ..models.audio_lm import AudioLM
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 256
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # candidates kept per step: the student top-k of the OPD union (in a run config it follows
-    # opd.top_k; None there), and the sampling pool
-    top_k: int | None = None
-    seed: int = 0
 
 
 @dataclass

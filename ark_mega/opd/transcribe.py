@@ -12,7 +12,8 @@ from megatron.core import parallel_state as ps
 from ..data.batching import Collator, TokenBudgetSampler, TokenCounter
 from ..data.prompts import PromptBuilder
 from ..models.audio_lm import AudioLM
-from .generate import GenerationConfig, generate
+from ..config import GenerationConfig
+from .generate import generate
 
 
 def blocked_ids(prompts: PromptBuilder, vocab_size: int,
