@@ -62,6 +62,26 @@ def init_parallel(cfg: ParallelConfig) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows of a vocabulary-parallel output layer: global ids [start, start + size),
+    and the tensor-parallel group that holds the other rows (None without tensor parallelism):
+    what every vocabulary kernel takes (`vocab_start`, `tp_group`)."""
+
+    start: int
+    size: int
+    group: object | None
+
+
+def vocab_shard(rows: int) -> VocabShard:
+    """The shard of an output layer whose local weight has `rows` rows."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    return VocabShard(ps.get_tensor_model_parallel_rank() * rows, rows,
+                      ps.get_tensor_model_parallel_group() if tp > 1 else None)
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 

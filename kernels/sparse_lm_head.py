@@ -151,23 +151,22 @@ class _SparseLogits(torch.autograd.Function):
 
 
 def sparse_lm_head(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                   vocab_start: int = 0, tensor_parallel: bool = False,
-                   impl: str = "auto") -> torch.Tensor:
+                   vocab_start: int = 0, tp_group=None, impl: str = "auto") -> torch.Tensor:
     """Logits [N, U] (float32) at global vocabulary `ids` [N, U] from hidden [N, H] and this
     rank's output-layer shard [V_local, H] starting at `vocab_start`.
 
-    With `tensor_parallel`, the partial logits are summed over megatron's TP group (and the
-    hidden-state gradient likewise).
+    With a `tp_group` (the tensor-parallel group holding the other vocabulary rows), the
+    partial logits are summed over it (and the hidden-state gradient likewise).
     """
     if hidden.shape[0] != ids.shape[0] or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and ids "
                          f"{tuple(ids.shape)} do not fit [N, H], [V, H], [N, U]")
-    if tensor_parallel:
-        hidden = copy_to_tensor_model_parallel_region(hidden)
+    if tp_group is not None:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     if use_triton(impl, hidden):
         logits = _SparseLogits.apply(hidden, weight, ids, int(vocab_start))
     else:
         logits = sparse_logits_reference(hidden, weight, ids, vocab_start).float()
-    if tensor_parallel:
-        logits = reduce_from_tensor_model_parallel_region(logits)
+    if tp_group is not None:
+        logits = reduce_from_tensor_model_parallel_region(logits, group=tp_group)
     return logits

@@ -39,7 +39,8 @@ def main() -> int:
     (full * g).sum().backward()
     h2 = hidden.clone().requires_grad_()
     w2 = weight[start:start + v_local].clone().requires_grad_()
-    part = sparse_lm_head(h2, w2, ids, vocab_start=start, tensor_parallel=True, impl="triton")
+    part = sparse_lm_head(h2, w2, ids, vocab_start=start, tp_group=ps.get_tensor_model_parallel_group(),
+                          impl="triton")
     (part * g).sum().backward()
     results["sparse_lm_head"] = max(
         (part - full).abs().max().item(), (h2.grad - h1.grad).abs().max().item(),

@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from ..config import GenerationConfig
+from ..distributed import vocab_shard
 from ..kernels import teacher_topk
 from ..models.audio_lm import AudioLM
 
@@ -56,13 +57,11 @@ def _stage_step(model: AudioLM, ids, audio, mask, context, hidden_size, dtype):
 def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationConfig,
           gen: torch.Generator):
     """Next tokens [b] and the top-k ids [b, k] from this rank's vocabulary shard [b, V/tp]."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    v_local = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * v_local
+    shard = vocab_shard(logits.shape[-1])
     empty = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
-    top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=start,
-                       blocked=None if blocked is None else blocked[start:start + v_local],
-                       tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
+    top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=shard.start,
+                       blocked=None if blocked is None else blocked[shard.start:shard.start + shard.size],
+                       tp_group=shard.group)
     if cfg.greedy:
         return top.ids[:, 0], top.ids
     probs = torch.softmax(top.logprobs / cfg.temperature, dim=-1)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-from megatron.core import parallel_state as ps
 
+from ..distributed import vocab_shard
 from ..kernels import TeacherTopK, teacher_topk
 from ..models.audio_lm import AudioLM
 from ..pipeline import run_pipeline
@@ -47,13 +47,12 @@ def score(model: AudioLM, sequences: list[list[int]], audio: list[torch.Tensor],
 
     def loss_fn(hidden, batch):
         weight = model.output_weight()
-        tp = ps.get_tensor_model_parallel_world_size()
-        start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
-        shard = None if blocked is None else blocked[start:start + weight.shape[0]]
+        shard = vocab_shard(weight.shape[0])
+        rows = None if blocked is None else blocked[shard.start:shard.start + shard.size]
         # logits are formed a vocabulary chunk at a time, at the chosen positions only
         result["top"] = teacher_topk(k, ids_to_score.to(device), hidden=hidden[flat, 0],
-                                     weight=weight, vocab_start=start, blocked=shard,
-                                     tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
+                                     weight=weight, vocab_start=shard.start, blocked=rows,
+                                     tp_group=shard.group)
         return hidden.new_zeros(()), {}
 
     was_training = model.training

@@ -24,7 +24,7 @@ from megatron.core import tensor_parallel
 from ..config import OPDSettings
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
-from ..distributed import device
+from ..distributed import device, vocab_shard
 from ..kernels import sparse_lm_head, union_kl, union_support
 from ..kernels.union_kl import union_kl_rows
 from ..models.audio_lm import AudioLM
@@ -238,10 +238,9 @@ class OPDStep:
         def loss_fn(hidden, micro):
             work = micro["work"]
             union, weight = work["union"], self.module.output_weight()
-            tp = ps.get_tensor_model_parallel_world_size()
-            start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
-            logits = sparse_lm_head(hidden[work["flat"], 0], weight, union.ids, vocab_start=start,
-                                    tensor_parallel=tp > 1)
+            shard = vocab_shard(weight.shape[0])
+            logits = sparse_lm_head(hidden[work["flat"], 0], weight, union.ids,
+                                    vocab_start=shard.start, tp_group=shard.group)
             loss = union_kl(logits, union.teacher_scores, union.valid, self.cfg.temperature,
                             reduction="sum", divergence=self.cfg.divergence,
                             beta=self.cfg.jsd_beta)
