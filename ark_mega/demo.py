@@ -63,7 +63,9 @@ def checkpoint_spec(path: str) -> dict:
 
 def run_demo(config_path: str, overrides: list[str], out: str | None = None) -> list[dict]:
     from .distributed import ParallelConfig, init_parallel
-    from .opd.trainer import Trainer, build_model, evaluate, run_dtype
+    from .factory import build_model, run_dtype
+    from .opd.trainer import Trainer
+    from .transcribe import evaluate
 
     with open(config_path, encoding="utf-8") as f:
         demo = yaml.safe_load(f)

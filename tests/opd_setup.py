@@ -15,7 +15,7 @@ from ark_mega.models import AudioLM, preset
 from ark_mega.config import GenerationConfig
 from ark_mega.opd.steps import OPDStep
 from ark_mega.opd.token_map import TokenMap
-from ark_mega.opd.transcribe import blocked_ids
+from ark_mega.transcribe import blocked_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 384

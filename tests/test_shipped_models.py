@@ -9,8 +9,8 @@ from lhotse import CutSet
 
 from ark_mega.data import load_manifest
 from ark_mega.eval import error_rate
-from ark_mega.inference import load_model
-from ark_mega.opd.transcribe import blocked_ids, transcribe
+from ark_mega.factory import load_model
+from ark_mega.transcribe import blocked_ids, transcribe
 from opd_setup import ROOT
 
 HELDOUT = os.path.join(ROOT, "examples", "data", "heldout.jsonl")

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from ark_mega.data import PromptBuilder, load_manifest
-from ark_mega.opd import transcribe as transcribe_module
+from ark_mega import transcribe as transcribe_module
 from ark_mega.opd.teacher_data import read_shard, write_teacher_manifest
-from ark_mega.opd.transcribe import blocked_ids
+from ark_mega.transcribe import blocked_ids
 from opd_setup import ROOT, VOCAB, model, tokenizer
 
 

@@ -186,7 +186,7 @@ def test_config_errors_name_the_key():
 
 def test_model_overrides_take_the_field_type_or_name_the_field(single_rank, tok_file):
     from ark_mega.config import ModelConfig
-    from ark_mega.opd.trainer import build_model
+    from ark_mega.factory import build_model
 
     base = {"decoder.vocab_size": VOCAB, "encoder.num_mel_bins": 128}
     # YAML reads 1e-05 (no dot) as a string: a float field takes it as the float

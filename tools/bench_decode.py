@@ -45,8 +45,8 @@ def main() -> int:
 
     from ark_mega.config import GenerationConfig
     from ark_mega.distributed import ParallelConfig, init_parallel
-from ark_mega.opd.generate import generate
-    from ark_mega.opd.transcribe import blocked_ids
+    from ark_mega.opd.generate import generate
+    from ark_mega.transcribe import blocked_ids
 
     init_parallel(ParallelConfig())
     model, prompts = random_model(args.preset, toy_tokenizer(), dtype, dev, tiny=args.smoke)

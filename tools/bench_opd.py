@@ -38,7 +38,7 @@ def build(args):
     from ark_mega.config import GenerationConfig
     from ark_mega.opd.steps import OPDStep
     from ark_mega.opd.token_map import TokenMap
-    from ark_mega.opd.transcribe import blocked_ids
+    from ark_mega.transcribe import blocked_ids
     from random_models import random_model, toy_tokenizer
 
     tok = toy_tokenizer()

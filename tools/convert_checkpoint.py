@@ -95,7 +95,7 @@ def do_export(args) -> str:
     from ark_mega.convert.hf_maps import iter_global_to_hf, rules_for
     from ark_mega.data import PromptBuilder, load_tokenizer
     from ark_mega.models import AudioLM
-    from ark_mega.opd.transcribe import blocked_ids
+    from ark_mega.transcribe import blocked_ids
 
     cfg = checkpoint.model_config(args.src)
     allowed = LAYOUTS[cfg.family]

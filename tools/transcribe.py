@@ -40,8 +40,8 @@ def main() -> int:
 
     from ark_mega.data.manifests import LoadPolicy, audio_files, load_manifest
     from ark_mega.distributed import ParallelConfig, init_parallel
-    from ark_mega.inference import load_model
-    from ark_mega.opd.transcribe import blocked_ids, transcribe
+    from ark_mega.factory import load_model
+    from ark_mega.transcribe import blocked_ids, transcribe
 
     init_parallel(ParallelConfig())
     model, prompts = load_model(args.model, args.tokenizer)

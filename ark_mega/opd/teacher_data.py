@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 
 from ..data.prompts import PromptBuilder
 from ..models.audio_lm import AudioLM
-from .transcribe import transcribe
+from ..transcribe import transcribe
 
 
 def _shards(out: str) -> list[str]:

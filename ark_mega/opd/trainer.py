@@ -11,14 +11,12 @@ scheduler, RNG and the data position.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import time
-import typing
 
 import psutil
 import torch
@@ -32,67 +30,19 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from .. import checkpoint
-from ..config import ModelConfig, OptimConfig, RunConfig, coerce, to_dict
-from ..data import (Batch, Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder,
-                    TokenBudgetSampler, TokenCounter, load_manifest, load_tokenizer)
+from ..config import ModelConfig, OptimConfig, RunConfig, to_dict
+from ..data import (Batch, Collator, CutBatches, LoadPolicy, ManifestError, TokenBudgetSampler,
+                    TokenCounter)
 from ..data.nemo_tarred import shard_pairs
 from ..data.stream import ManifestStream, SkipLedger
 from ..distributed import device, init_parallel
-from ..eval import error_rate
-from ..models import AudioLM, AudioLMConfig, preset
+from ..factory import build_model, run_dtype
+from ..metrics_log import MetricsLog
+from ..models import AudioLM
+from ..transcribe import blocked_ids, evaluate
 from .steps import JointCTC, OPDStep, sft_step
 from .teacher_data import write_teacher_manifest
 from .token_map import TokenMap
-from .transcribe import blocked_ids, transcribe
-
-
-def run_dtype(cfg: RunConfig) -> torch.dtype:
-    """The models' dtype: `auto` is bf16 with CUDA, fp32 on the CPU."""
-    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
-
-
-def build_model(mcfg: ModelConfig, dtype: torch.dtype,
-                ctc_head: bool = False) -> tuple[AudioLM, PromptBuilder]:
-    """The preset with its overrides, and the prompt builder of its family (Ark-ASR or
-    Qwen3-ASR template); vocabulary and audio token checked against the tokenizer.
-    `ctc_head` adds joint CTC training's head (sft.ctc_weight)."""
-    if not mcfg.tokenizer:
-        raise ValueError(f"model {mcfg.preset}: a tokenizer (tokenizer.json) is required")
-    cfg = preset(mcfg.preset)
-    for dotted, value in _flattened(mcfg.overrides):
-        node = cfg
-        *path, last = dotted.split(".")
-        for part in path + [last]:
-            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-                raise KeyError(f"model override {dotted!r}: no such field in preset {mcfg.preset}")
-            parent, node = node, getattr(node, part)
-        hint = typing.get_type_hints(type(parent))[last]
-        setattr(parent, last, coerce(hint, value, f"model override {dotted}"))
-    tokenizer = load_tokenizer(mcfg.tokenizer)
-    prompts = PromptBuilder.for_model(tokenizer, cfg)
-    cfg.audio_token_id = prompts.audio_id
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > cfg.decoder.vocab_size:
-        raise ValueError(f"the tokenizer has {size} tokens, more than the model's vocabulary "
-                         f"({cfg.decoder.vocab_size}); set decoder.vocab_size")
-    cfg = AudioLMConfig.from_dict(cfg.to_dict())  # re-validated
-    try:
-        model = AudioLM(cfg, dtype=dtype, transformer_impl=mcfg.transformer_impl, fp8=mcfg.fp8,
-                        ctc_head=ctc_head)
-    except ValueError as e:
-        raise ValueError(f"model {mcfg.preset}: {e}") from None
-    return model.to(device()), prompts
-
-
-def _flattened(overrides: dict, prefix: str = ""):
-    """("decoder.num_layers", 2) pairs; a nested mapping (the command line's
-    `student.overrides.decoder.num_layers=2` makes one) names the same fields."""
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            yield from _flattened(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: int):
@@ -147,72 +97,6 @@ def check_inputs(cfg: RunConfig, model: AudioLM) -> None:
     if free < need:
         raise OSError(f"output_dir: {cfg.output_dir} has {free / 2**30:.1f} GiB free, one "
                       f"checkpoint needs about {need / 2**30:.1f} GiB")
-
-
-class MetricsLog:
-    """Per-step metrics to stdout (with progress), a JSONL file and TensorBoard; one writer."""
-
-    def __init__(self, out_dir: str, name: str, total_steps: int, writer: bool,
-                 resumed_at: int = 0):
-        """`resumed_at`: the step of the checkpoint this run resumed from; what an earlier run
-        logged after it (it stopped before its next checkpoint) is dropped, so that every step
-        is logged once."""
-        self.writer, self.total, self.t0 = writer, total_steps, time.perf_counter()
-        self.file = self.tb = None
-        if writer:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "metrics.jsonl")
-            _truncate_metrics(path, resumed_at)
-            self.file = open(path, "a", encoding="utf-8")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
-                                        purge_step=resumed_at + 1 if resumed_at else None)
-            except ImportError:
-                print("tensorboard is not installed: metrics go to metrics.jsonl only")
-        self.name = name
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.writer:
-            return
-        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{self.name}/{k}", v, step)
-        done = step / max(self.total, 1)
-        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in record.items() if k in SHOWN)
-        print(f"[{self.name}] [{bar}] step {step}/{self.total} {shown}", flush=True)
-
-    def close(self):
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keep the records of steps <= `last_step` (a run starting afresh, at 0, keeps none)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
-SHOWN = ("loss", "ce_loss", "ctc_loss", "vuss", "teacher_mass", "top1_agree", "positions", "rollout_nonempty",
-         "fallbacks", "mismatch", "rollout_len", "tokens_per_s", "step_time", "lr",
-         "heldout_cer_zh", "heldout_wer_en")
 
 
 PREEMPTED_EXIT_CODE = 3  # examples/train_opd.py exits with it after a preemption save
@@ -475,19 +359,3 @@ class Trainer:
 
     def evaluate(self, manifest: str | None = None) -> dict:
         return evaluate(self.student, self.sp, manifest or self.cfg.data.heldout, self.cfg)
-
-
-def evaluate(model: AudioLM, prompts: PromptBuilder, manifest: str, cfg: RunConfig) -> dict:
-    """Corpus CER on the Mandarin and WER on the English utterances of a manifest."""
-    cuts, _ = load_manifest(manifest)
-    blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size,
-                          cfg.opd.blocked_from)
-    hyps = transcribe(model, prompts, cuts, blocked, cfg.opd.generation.max_new_tokens,
-                      cfg.eval_batch_tokens)
-    out = {}
-    for lang, metric in (("zh", "cer"), ("en", "wer")):
-        sel = [c for c in cuts if c.supervisions[0].language == lang]
-        if sel:
-            rate = error_rate([c.supervisions[0].text for c in sel], [hyps[c.id] for c in sel], metric)
-            out[f"{metric}_{lang}"] = rate.rate
-    return out

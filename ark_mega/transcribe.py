@@ -1,4 +1,5 @@
-"""Batched transcription with the KV-cache generator (evaluation, teacher data for TD)."""
+"""Batched transcription with the KV-cache generator: held-out evaluation, the TD stage's teacher
+transcripts, tools/transcribe.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch.distributed as dist
 from lhotse import CutSet
 from megatron.core import parallel_state as ps
 
-from ..data.batching import Collator, TokenBudgetSampler, TokenCounter
-from ..data.prompts import PromptBuilder
-from ..models.audio_lm import AudioLM
-from ..config import GenerationConfig
-from .generate import generate
+from .config import GenerationConfig, RunConfig
+from .data.batching import Collator, TokenBudgetSampler, TokenCounter
+from .data.manifests import load_manifest
+from .data.prompts import PromptBuilder
+from .eval import error_rate
+from .models.audio_lm import AudioLM
+from .opd.generate import generate
 
 
 def blocked_ids(prompts: PromptBuilder, vocab_size: int,
@@ -73,3 +76,19 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
     gathered = [None] * dp
     dist.all_gather_object(gathered, mine, group=ps.get_data_parallel_group())
     return {k: v for part in gathered for k, v in part.items()}
+
+
+def evaluate(model: AudioLM, prompts: PromptBuilder, manifest: str, cfg: RunConfig) -> dict:
+    """Corpus CER on the Mandarin and WER on the English utterances of a manifest."""
+    cuts, _ = load_manifest(manifest)
+    blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size,
+                          cfg.opd.blocked_from)
+    hyps = transcribe(model, prompts, cuts, blocked, cfg.opd.generation.max_new_tokens,
+                      cfg.eval_batch_tokens)
+    out = {}
+    for lang, metric in (("zh", "cer"), ("en", "wer")):
+        sel = [c for c in cuts if c.supervisions[0].language == lang]
+        if sel:
+            rate = error_rate([c.supervisions[0].text for c in sel], [hyps[c.id] for c in sel], metric)
+            out[f"{metric}_{lang}"] = rate.rate
+    return out
