@@ -165,7 +165,7 @@ class OPDStep:
                  teacher_prompts: PromptBuilder, token_map: TokenMap, cfg: OPDSettings,
                  blocked: torch.Tensor | None):
         self.student, self.teacher = student, teacher  # student may be wrapped (DDP)
-        self.sp, self.tp_ = student_prompts, teacher_prompts
+        self.student_prompts, self.teacher_prompts = student_prompts, teacher_prompts
         self.map, self.cfg, self.blocked = token_map, cfg, blocked
 
     @property
@@ -180,9 +180,10 @@ class OPDStep:
         cfg, device = self.cfg, next(self.student.parameters()).device
         feats = [f.to(device) for f in batch.audio_features]
         frames = [f.shape[-1] for f in feats]
-        prompts = [self.sp.build(n) for n in frames]
+        prompts = [self.student_prompts.build(n) for n in frames]
         t0 = time.perf_counter()
-        rollout = generate(self.module, [p.input_ids for p in prompts], feats, self.sp.stop_id,
+        stop_id = self.student_prompts.stop_id
+        rollout = generate(self.module, [p.input_ids for p in prompts], feats, stop_id,
                            cfg.generation, self.blocked)
         t1 = time.perf_counter()
 
@@ -190,12 +191,12 @@ class OPDStep:
         answers, fallback, empty = [], [], 0
         for i, (tokens, stopped) in enumerate(zip(rollout.tokens, rollout.stopped)):
             if tokens:
-                answers.append(tokens + ([self.sp.stop_id] if stopped else []))
+                answers.append(tokens + ([stop_id] if stopped else []))
                 fallback.append(False)
                 continue
             empty += 1
             if cfg.fallback_to_reference:
-                answers.append(self.sp.encode(batch.texts[i]) + [self.sp.stop_id])
+                answers.append(self.student_prompts.encode(batch.texts[i]) + [stop_id])
                 fallback.append(True)
             else:
                 answers.append([])
@@ -286,19 +287,21 @@ class OPDStep:
         and the teacher's input (sequences, scored positions)."""
         seqs, positions, aligned = [], [], []
         for i in keep:
-            stop = answers[i][-1] == self.sp.stop_id
+            stop = answers[i][-1] == self.student_prompts.stop_id
             words = answers[i][:-1] if stop else answers[i]
-            text = self.sp.tokenizer.decode(words)
-            prefix = self.tp_.build(frames[i]).input_ids + self.tp_.answer_prefix(infer_language(text))
+            text = self.student_prompts.tokenizer.decode(words)
+            teacher = self.teacher_prompts
+            prefix = (teacher.build(frames[i]).input_ids
+                      + teacher.answer_prefix(infer_language(text)))
             if self.map.identity:
                 body = list(words)
                 index = list(range(len(words)))
             else:  # re-tokenise by the teacher; align token starts in the UTF-8 bytes
-                body = self.tp_.tokenizer.encode(text, add_special_tokens=False).ids
-                index = align_by_characters(byte_spans(self.sp.tokenizer, words),
-                                            byte_spans(self.tp_.tokenizer, body))
+                body = self.teacher_prompts.tokenizer.encode(text, add_special_tokens=False).ids
+                index = align_by_characters(byte_spans(self.student_prompts.tokenizer, words),
+                                            byte_spans(self.teacher_prompts.tokenizer, body))
             if stop:
-                body = body + [self.tp_.stop_id]
+                body = body + [self.teacher_prompts.stop_id]
                 index = index + [len(body) - 1]
             seqs.append(prefix + body)
             positions.append([len(prefix) - 1 + (j if j >= 0 else 0) for j in index])

@@ -113,16 +113,16 @@ class Trainer:
         self.dev = device()
         # "student" is the model this run trains, whichever family (the demo's teacher SFT
         # trains a Qwen3-ASR model); its prompts follow its family's template
-        self.student, self.sp = build_model(cfg.student, self.dtype,
+        self.student, self.student_prompts = build_model(cfg.student, self.dtype,
                                             ctc_head=cfg.sft.ctc_weight > 0)
         if cfg.student.checkpoint:  # a CTC head the checkpoint lacks starts fresh
             checkpoint.load(cfg.student.checkpoint, self.student, optional=("ctc_head.",))
-        self.teacher = self.tp_ = None
+        self.teacher = self.teacher_prompts = None
         if cfg.stage in ("td", "opd"):
             teacher_cfg = cfg.teacher
             if not teacher_cfg.tokenizer:
                 teacher_cfg = ModelConfig(**{**vars(teacher_cfg), "tokenizer": cfg.student.tokenizer})
-            self.teacher, self.tp_ = build_model(teacher_cfg, self.dtype)
+            self.teacher, self.teacher_prompts = build_model(teacher_cfg, self.dtype)
             if not cfg.teacher.checkpoint:
                 raise ValueError(f"stage {cfg.stage}: teacher.checkpoint is required")
             checkpoint.load(cfg.teacher.checkpoint, self.teacher)
@@ -174,8 +174,9 @@ class Trainer:
             return out  # made by this run before a restart: the train manifest is not read
         cuts = list(ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset,
                                    tarred_audio=cfg.data.tarred_audio_filepaths))
-        blocked = blocked_ids(self.tp_, self.teacher.cfg.decoder.vocab_size, cfg.opd.blocked_from)
-        return write_teacher_manifest(self.teacher, self.tp_, cuts, out, blocked,
+        blocked = blocked_ids(self.teacher_prompts, self.teacher.cfg.decoder.vocab_size,
+                              cfg.opd.blocked_from)
+        return write_teacher_manifest(self.teacher, self.teacher_prompts, cuts, out, blocked,
                                       cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens,
                                       cfg.teacher.checkpoint)
 
@@ -183,7 +184,7 @@ class Trainer:
         cfg = self.cfg
 
         def new_sampler():
-            s = TokenBudgetSampler(cuts, cfg.data.max_tokens, TokenCounter(self.sp),
+            s = TokenBudgetSampler(cuts, cfg.data.max_tokens, TokenCounter(self.student_prompts),
                                    num_buckets=cfg.data.num_buckets, seed=cfg.seed,
                                    rank=ps.get_data_parallel_rank(),
                                    world_size=ps.get_data_parallel_world_size())
@@ -197,9 +198,9 @@ class Trainer:
             for _ in range(consumed):
                 next(it)
             sampler.load_state_dict(scout.state_dict())
-        return torch.utils.data.DataLoader(CutBatches(Collator(self.sp), self._load_policy()),
-                                           sampler=sampler,
-                                           batch_size=None, num_workers=cfg.data.num_workers,
+        data = CutBatches(Collator(self.student_prompts), self._load_policy())
+        return torch.utils.data.DataLoader(data, sampler=sampler, batch_size=None,
+                                           num_workers=cfg.data.num_workers,
                                            persistent_workers=False)
 
     # ------------------------------------------------------------------ loop
@@ -219,16 +220,18 @@ class Trainer:
         loader = iter(self._loader(cuts, epoch, consumed))
         opd = ctc = None
         if cfg.sft.ctc_weight:
-            ctc = JointCTC(cfg.sft.ctc_weight, self.sp.encode)
+            ctc = JointCTC(cfg.sft.ctc_weight, self.student_prompts.encode)
         if cfg.stage == "opd":
-            blocked = blocked_ids(self.sp, self.student.cfg.decoder.vocab_size,
+            blocked = blocked_ids(self.student_prompts, self.student.cfg.decoder.vocab_size,
                                   cfg.opd.blocked_from).to(self.dev)
-            tmap = TokenMap(self.sp.tokenizer, self.tp_.tokenizer, self.student.cfg.decoder.vocab_size,
+            tmap = TokenMap(self.student_prompts.tokenizer, self.teacher_prompts.tokenizer,
+                            self.student.cfg.decoder.vocab_size,
                             self.teacher.cfg.decoder.vocab_size, cfg.opd.min_token_map_coverage)
             if self.is_writer:
                 print(f"token map: {'identity' if tmap.identity else 'by token string'}, "
                       f"coverage {100 * tmap.coverage:.1f}%")
-            opd = OPDStep(self.ddp, self.teacher, self.sp, self.tp_, tmap, cfg.opd, blocked)
+            opd = OPDStep(self.ddp, self.teacher, self.student_prompts, self.teacher_prompts, tmap,
+                          cfg.opd, blocked)
         log = MetricsLog(cfg.output_dir, cfg.name, cfg.steps, self.is_writer, resumed_at=step)
         if self.is_writer:
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -358,4 +361,5 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, manifest: str | None = None) -> dict:
-        return evaluate(self.student, self.sp, manifest or self.cfg.data.heldout, self.cfg)
+        return evaluate(self.student, self.student_prompts, manifest or self.cfg.data.heldout,
+                        self.cfg)
