@@ -19,6 +19,18 @@ from .models.audio_lm import AudioLM
 from .opd.generate import generate
 
 
+class EveryNth:
+    """The i-th of every n cuts of a (lazy, re-iterable) source, read anew on every pass."""
+
+    def __init__(self, cuts, n: int, i: int):
+        self.cuts, self.n, self.i = cuts, n, i
+
+    def __iter__(self):
+        for j, cut in enumerate(self.cuts):
+            if j % self.n == self.i:
+                yield cut
+
+
 def blocked_ids(prompts: PromptBuilder, vocab_size: int,
                 blocked_from: int | None = None) -> torch.Tensor:
     """bool [vocab_size]: every special / control token except the stop token and those the
@@ -55,9 +67,10 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
     (progress, real-time factor, incremental output)."""
     device = next(model.parameters()).device
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    share = list(cuts)[dp_rank::dp]  # every cut goes to exactly one DP rank
-    sampler = TokenBudgetSampler(CutSet.from_cuts(share), batch_tokens, TokenCounter(prompts),
-                                 shuffle=False) if share else []
+    share = CutSet(EveryNth(cuts, dp, dp_rank))  # every cut goes to exactly one DP rank, lazily
+    any_cut = next(iter(share), None) is not None
+    sampler = TokenBudgetSampler(share, batch_tokens, TokenCounter(prompts),
+                                 shuffle=False) if any_cut else []
     collate = Collator(prompts)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, top_k=1)
     mine = {}

@@ -53,20 +53,21 @@ def read_shard(path: str) -> dict[str, str]:
     return done
 
 
-def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts: list, out: str,
+def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts, out: str,
                            blocked: torch.Tensor, max_new_tokens: int, batch_tokens: int,
                            teacher_name: str) -> str:
-    """The teacher's transcripts of `cuts` as the TD manifest `out`, resuming from its shards."""
+    """The teacher's transcripts of `cuts` (a re-iterable source, read lazily: a few passes, never
+    held) as the TD manifest `out`, resuming from its shards."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     texts = {}
     for path in _shards(out):
         texts.update(read_shard(path))
     dist.barrier()  # every rank has read the shards before any appends to them
-    todo = [c for c in cuts if c.id not in texts]
+    total = sum(1 for _ in cuts)
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
     shard = open(f"{out}.part-dp{ps.get_data_parallel_rank()}.jsonl", "a", encoding="utf-8") \
         if writer else None
-    progress = _Progress(len(texts), len(cuts), writer and ps.get_data_parallel_rank() == 0,
+    progress = _Progress(len(texts), total, writer and ps.get_data_parallel_rank() == 0,
                          ps.get_data_parallel_world_size())
 
     def on_batch(batch_texts: dict[str, str], seconds: float) -> None:
@@ -77,14 +78,14 @@ def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts: list,
         progress.add(len(batch_texts))
 
     try:
-        texts.update(transcribe(teacher, prompts, CutSet.from_cuts(todo), blocked, max_new_tokens,
-                                batch_tokens, on_batch))
+        texts.update(transcribe(teacher, prompts, CutSet(_Untranscribed(cuts, texts)), blocked,
+                                max_new_tokens, batch_tokens, on_batch))
     finally:
         if shard:
             shard.close()
     # every rank holds every transcript: all raise together rather than leave the others waiting
     if not any(texts[c.id].strip() for c in cuts):
-        raise RuntimeError(f"TD: the teacher's transcripts of all {len(cuts)} utterances are "
+        raise RuntimeError(f"TD: the teacher's transcripts of all {total} utterances are "
                            f"empty; is teacher.checkpoint trained?")
     dist.barrier()  # every shard is closed
     if dist.get_rank() == 0:
@@ -93,11 +94,22 @@ def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts: list,
     return out
 
 
+class _Untranscribed:
+    """The cuts of a source that no shard holds a transcript of yet (fixed when it is made)."""
+
+    def __init__(self, cuts, texts: dict[str, str]):
+        self.cuts, self.done = cuts, set(texts)
+
+    def __iter__(self):
+        return (c for c in self.cuts if c.id not in self.done)
+
+
 def _write(cuts: list, texts: dict[str, str], out: str, teacher_name: str) -> None:
     base = os.path.dirname(os.path.abspath(out))
-    kept = 0
+    kept = total = 0
     with open(out + ".tmp", "w", encoding="utf-8") as f:
         for c in cuts:
+            total += 1
             text = texts[c.id].strip()
             if not text:
                 continue  # an empty teacher transcript is no training target
@@ -113,8 +125,8 @@ def _write(cuts: list, texts: dict[str, str], out: str, teacher_name: str) -> No
     os.replace(out + ".tmp", out)
     for path in _shards(out):
         os.remove(path)
-    print(f"TD: the teacher transcribed {len(cuts)} utterances, {kept} non-empty "
-          f"({len(cuts) - kept} empty, left out) -> {out}", flush=True)
+    print(f"TD: the teacher transcribed {total} utterances, {kept} non-empty "
+          f"({total - kept} empty, left out) -> {out}", flush=True)
 
 
 class _Progress:

@@ -172,8 +172,8 @@ class Trainer:
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
         if os.path.isfile(out):
             return out  # made by this run before a restart: the train manifest is not read
-        cuts = list(ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset,
-                                   tarred_audio=cfg.data.tarred_audio_filepaths))
+        cuts = ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset,
+                              tarred_audio=cfg.data.tarred_audio_filepaths)
         blocked = blocked_ids(self.teacher_prompts, self.teacher.cfg.decoder.vocab_size,
                               cfg.opd.blocked_from)
         return write_teacher_manifest(self.teacher, self.teacher_prompts, cuts, out, blocked,
