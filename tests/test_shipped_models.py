@@ -27,9 +27,9 @@ def heldout():
 
 
 # folder, family, and the band of (CER zh, WER en) accepted on those 40 utterances; measured
-# when shipped: teacher 1.9% / 13.5%, Ark-Base 34.0% / 58.1%. Ark-Base's band has a floor: it
+# when shipped: teacher 1.9% / 4.1%, Ark-Base 34.0% / 58.1%. Ark-Base's band has a floor: it
 # is the weak student the demo improves, not a better model shipped by mistake.
-SHIPPED = [("demo_teacher", "qwen3_asr", (0.0, 0.05), (0.0, 0.20)),
+SHIPPED = [("demo_teacher", "qwen3_asr", (0.0, 0.05), (0.0, 0.10)),
            ("ark_base", "ark_asr", (0.25, 0.45), (0.45, 0.70))]
 
 
