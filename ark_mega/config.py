@@ -28,6 +28,11 @@ class ModelConfig:
     # transformer_engine; fp8 (TE only): null | hybrid | e4m3
     transformer_impl: str = "auto"
     fp8: str | None = None
+    # activation recomputation, as Megatron-LM's --recompute-granularity: none | selective (core
+    # attention) | full (every decoder layer keeps only its input); and the audio encoder's
+    # layers recomputed in full
+    recompute: str = "none"
+    recompute_encoder: bool = False
 
 
 @dataclass

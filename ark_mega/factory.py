@@ -82,6 +82,7 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype,
     cfg = AudioLMConfig.from_dict(cfg.to_dict())  # re-validated
     try:
         model = AudioLM(cfg, dtype=dtype, transformer_impl=mcfg.transformer_impl, fp8=mcfg.fp8,
+                        recompute=mcfg.recompute, recompute_encoder=mcfg.recompute_encoder,
                         ctc_head=ctc_head)
     except ValueError as e:
         raise ValueError(f"model {mcfg.preset}: {e}") from None

@@ -9,10 +9,9 @@ import os
 import torch
 from lhotse import CutSet
 
-from ark_mega.config import OPDSettings
+from ark_mega.config import GenerationConfig, OPDSettings
 from ark_mega.data import Collator, PromptBuilder, load_manifest, train_bpe_tokenizer
 from ark_mega.models import AudioLM, preset
-from ark_mega.config import GenerationConfig
 from ark_mega.opd.steps import OPDStep
 from ark_mega.opd.token_map import TokenMap
 from ark_mega.transcribe import blocked_ids
@@ -30,13 +29,13 @@ def tokenizer(vocab=300, split="train"):
     return train_bpe_tokenizer(demo_texts(split), vocab)
 
 
-def model(name, prompts, seed, scale=1.0):
+def model(name, prompts, seed, scale=1.0, **build):
     cfg = preset(name)
     cfg.decoder.vocab_size = VOCAB
     cfg.encoder.num_mel_bins = 128
     cfg.audio_token_id = prompts.audio_id
     torch.manual_seed(seed)
-    m = AudioLM(cfg)
+    m = AudioLM(cfg, **build)
     if scale != 1.0:  # larger random weights: outputs that vary from token to token
         with torch.no_grad():
             for p in m.parameters():

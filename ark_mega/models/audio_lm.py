@@ -27,10 +27,13 @@ from .specs import decoder_layer_spec, use_transformer_engine
 class AudioLM(MegatronModule):
     def __init__(self, cfg: AudioLMConfig, dtype: torch.dtype = torch.float32,
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 transformer_impl: str = "auto", fp8: str | None = None, ctc_head: bool = False):
+                 transformer_impl: str = "auto", fp8: str | None = None, ctc_head: bool = False,
+                 recompute: str = "none", recompute_encoder: bool = False):
+        """`recompute` (none | selective | full): the decoder's activation recomputation;
+        `recompute_encoder`: the audio encoder's layers recomputed in full."""
         dec = cfg.decoder
         use_te = use_transformer_engine(transformer_impl, fp8)
-        config = decoder_config(dec, dtype, fp8)
+        config = decoder_config(dec, dtype, fp8, recompute)
         super().__init__(config=config)
         if pre_process is None:
             pre_process = parallel_state.is_pipeline_first_stage()
@@ -41,7 +44,8 @@ class AudioLM(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
-            enc_config = encoder_config(cfg.encoder, dtype, fp8)
+            enc_config = encoder_config(cfg.encoder, dtype, fp8,
+                                        "full" if recompute_encoder else "none")
             if cfg.family == "ark_asr":
                 self.encoder = WhisperEncoder(cfg.encoder, enc_config, dec.hidden_size, use_te)
             else:

@@ -10,9 +10,26 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .config import AuTEncoderConfig, DecoderConfig, WhisperEncoderConfig
 
 
-def _common(dtype: torch.dtype, fp8: str | None) -> dict:
+RECOMPUTE = ("none", "selective", "full")
+
+
+def _recompute(mode: str) -> dict:
+    """Activation recomputation, as Megatron-LM's --recompute-granularity: `selective` recomputes
+    core attention in backward (its saved score-sized tensors), `full` every layer (only each
+    layer's input is kept)."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {mode!r}")
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+def _common(dtype: torch.dtype, fp8: str | None, recompute: str = "none") -> dict:
     on_gpu = torch.cuda.is_available()
     return dict(
+        **_recompute(recompute),
         fp8=fp8,  # None, or the FP8 format of TE's layers (delayed scaling, megatron's default)
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         params_dtype=dtype,
@@ -34,7 +51,7 @@ def _common(dtype: torch.dtype, fp8: str | None) -> dict:
 
 
 def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32,
-                   fp8: str | None = None) -> TransformerConfig:
+                   fp8: str | None = None, recompute: str = "none") -> TransformerConfig:
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -55,12 +72,13 @@ def decoder_config(cfg: DecoderConfig, dtype: torch.dtype = torch.float32,
         # experts here, so the dispatcher named is never built)
         variable_seq_lengths=parallel_state.get_pipeline_model_parallel_world_size() > 1,
         moe_token_dispatcher_type="alltoall",
-        **_common(dtype, fp8),
+        **_common(dtype, fp8, recompute),
     )
 
 
 def encoder_config(cfg: WhisperEncoderConfig | AuTEncoderConfig,
-                   dtype: torch.dtype = torch.float32, fp8: str | None = None) -> TransformerConfig:
+                   dtype: torch.dtype = torch.float32, fp8: str | None = None,
+                   recompute: str = "none") -> TransformerConfig:
     """Encoders live whole on the first pipeline stage: pipeline size 1 for their blocks."""
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -74,5 +92,5 @@ def encoder_config(cfg: WhisperEncoderConfig | AuTEncoderConfig,
         gated_linear_unit=False,
         activation_func=F.gelu,
         pipeline_model_parallel_size=1,
-        **_common(dtype, fp8),
+        **_common(dtype, fp8, recompute),
     )
