@@ -45,3 +45,19 @@ def test_unknown_recompute_is_an_error():
 
     with pytest.raises(ValueError, match="recompute must be one of"):
         _recompute("some")
+
+
+def test_memory_benchmark_script_runs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "memory.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "tools/bench_memory.py", "--smoke", "--out", str(out)],
+                   check=True, capture_output=True, cwd=root)
+    result = json.loads(out.read_text())
+    none, full = result["none"], result["full"]
+    assert none["decoder_mib_per_token"] > 0 and none["loss_head_mib_per_token"] > 0
+    assert full["total_mib_per_token"] < none["total_mib_per_token"]
