@@ -31,10 +31,8 @@ def decoder_weight_bytes(model) -> int:
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    ap = bench_parser(__doc__)
-    ap.add_argument("--preset", default="ark_asr_0p6b")
+    ap = bench_parser(__doc__, utterance=True)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     if args.smoke:

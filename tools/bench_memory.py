@@ -149,9 +149,7 @@ def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: in
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    ap = bench_parser(__doc__)
-    ap.add_argument("--preset", default="ark_asr_0p6b")
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap = bench_parser(__doc__, utterance=True)
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--recompute", nargs="*", default=["none", "selective", "full"])

@@ -54,10 +54,8 @@ def train_flops(cfg, utterances: list[tuple[int, int]]) -> float:
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    ap = bench_parser(__doc__)
-    ap.add_argument("--preset", default="ark_asr_0p6b")
+    ap = bench_parser(__doc__, utterance=True)
     ap.add_argument("--utterances", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--text-tokens", type=int, default=48)
     args = ap.parse_args()
     if args.smoke:
