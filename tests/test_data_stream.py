@@ -123,7 +123,8 @@ def nemo_tarred_set(folder, shards=2, per_shard=4):
             for r in rows[shard * per_shard:(shard + 1) * per_shard]:
                 name = os.path.basename(r["audio"])
                 tar.add(os.path.join(src, r["audio"]), arcname=name)
-                entries.append({"audio_filepath": name, "text": r["text"], "duration": 1.0,
+                seconds = sf.info(os.path.join(src, r["audio"])).duration
+                entries.append({"audio_filepath": name, "text": r["text"], "duration": seconds,
                                 "lang": r["language"], "shard_id": shard})
         if shard == 1:
             entries.insert(2, dict(entries[0], audio_filepath="not_in_the_tar.ogg"))
@@ -150,3 +151,26 @@ def test_nemo_tarred_shards_stream_and_train(single_rank, tmp_path, tok_file):  
         "data.train": manifests, "data.tarred_audio_filepaths": tars, "data.skip_bad": True,
         "data.max_skip_fraction": 0.2}))).run()
     assert result["data_records_read"] == 9 and os.path.isdir(out / "checkpoints" / "step_000002")
+
+
+def test_a_member_listed_twice_gives_a_cut_per_segment(tmp_path):
+    manifests, tars = nemo_tarred_set(tmp_path, shards=1, per_shard=2)
+    path = tmp_path / "manifest_0.json"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [dict(rows[0], offset=0.0, duration=0.4), dict(rows[0], offset=0.4, duration=0.3)] + rows[1:]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cuts = list(ManifestStream(manifests, LoadPolicy(), tarred_audio=tars))
+    assert [round(c.duration, 2) for c in cuts[:2]] == [0.4, 0.3] and len(cuts) == 3
+    assert len({c.id for c in cuts}) == 3
+
+
+def test_nemo_tarred_reader_agrees_with_nemos_own(tmp_path):
+    """Where nemo-toolkit is installed: NeMo's lhotse adapter reads the same cuts."""
+    adapters = pytest.importorskip("nemo.collections.common.data.lhotse.nemo_adapters")
+    manifests, tars = nemo_tarred_set(tmp_path)
+    ours = list(ManifestStream(manifests, LoadPolicy(skip_bad=True), tarred_audio=tars))
+    from ark_mega.data.nemo_tarred import expand_braces
+
+    theirs = list(adapters.LazyNeMoTarredIterator(expand_braces(manifests), expand_braces(tars)))
+    assert [(c.supervisions[0].text, round(c.duration, 3)) for c in ours] == \
+        [(c.supervisions[0].text, round(c.duration, 3)) for c in theirs]

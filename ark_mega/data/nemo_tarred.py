@@ -9,7 +9,8 @@ decodes them. Records are numbered in tar order across the shards for `data.subs
 
 Bad input follows the other formats: a bad manifest record or unreadable audio is a
 `ManifestError` naming the manifest, line and field; a manifest entry with no member in its tar
-is `audio_missing`; a member the manifest does not list is ignored (NeMo does the same).
+is `audio_missing`; a member the manifest does not list is ignored (NeMo does the same); a
+member listed several times (segments by `offset` / `duration`) gives a cut per record.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
     index = 0
     for manifest, tar in shard_pairs(manifests, tars):
         checks = AudioChecks(manifest, policy)
-        entries: dict[str, tuple[int, dict]] = {}
+        # member name -> its records: a member may hold several segments (offset / duration)
+        entries: dict[str, list[tuple[int, dict]]] = {}
         for line, obj in _records(manifest):
             if isinstance(obj, ManifestError):
                 yield line, obj
@@ -76,26 +78,28 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                 yield line, checks.error(line, "audio_filepath", "missing or not a string",
                                          "missing_field")
             else:
-                entries[obj["audio_filepath"]] = (line, obj)
+                entries.setdefault(obj["audio_filepath"], []).append((line, obj))
         with tarfile.open(tar, "r|*") as stream:
             for member in stream:
-                found = entries.pop(member.name, None)
-                if found is None or not member.isfile():
+                records = entries.pop(member.name, None)
+                if records is None or not member.isfile():
                     continue
+                data = stream.extractfile(member).read()
+                for n, (line, obj) in enumerate(records):
+                    index += 1
+                    if keep is not None and not keep(index - 1):
+                        continue
+                    cut_id = f"{os.path.basename(tar)}:{member.name}" + (f":{n}" if n else "")
+                    try:
+                        yield line, _tarred_cut(checks, line, obj, data, cut_id)
+                    except ManifestError as e:
+                        yield line, e
+        for name, records in entries.items():  # listed, never found in the tar
+            for line, _ in records:
                 index += 1
-                if keep is not None and not keep(index - 1):
-                    continue
-                line, obj = found
-                try:
-                    yield line, _tarred_cut(checks, line, obj, stream.extractfile(member).read(),
-                                            f"{os.path.basename(tar)}:{member.name}")
-                except ManifestError as e:
-                    yield line, e
-        for name, (line, _) in entries.items():  # listed, never found in the tar
-            index += 1
-            if keep is None or keep(index - 1):
-                yield line, checks.error(line, "audio_filepath", f"{name} is not in {tar}",
-                                         "audio_missing")
+                if keep is None or keep(index - 1):
+                    yield line, checks.error(line, "audio_filepath", f"{name} is not in {tar}",
+                                             "audio_missing")
 
 
 def _tarred_cut(checks: AudioChecks, line: int, obj: dict, data: bytes, cut_id: str) -> Cut:
