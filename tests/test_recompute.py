@@ -61,3 +61,7 @@ def test_memory_benchmark_script_runs(tmp_path):
     none, full = result["none"], result["full"]
     assert none["decoder_mib_per_token"] > 0 and none["loss_head_mib_per_token"] > 0
     assert full["total_mib_per_token"] < none["total_mib_per_token"]
+    subprocess.run([sys.executable, "tools/bench_memory.py", "--smoke", "--transients", "--out",
+                    str(out)], check=True, capture_output=True, cwd=root)
+    largest = json.loads(out.read_text())["sft_step"]["largest"]
+    assert largest and largest[0]["mib"] >= largest[-1]["mib"] > 0

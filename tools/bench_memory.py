@@ -3,6 +3,7 @@
     python tools/bench_memory.py                      # ark_asr_0p6b, bf16, one 30 s utterance,
                                                       # each recompute setting
     python tools/bench_memory.py --budget examples/configs/ark_asr_opd.yaml --dp 8 --gpu-gib 80
+    python tools/bench_memory.py --transients         # the largest tensors of one SFT step
     python tools/bench_memory.py --smoke              # tiny model: checks the script runs
 
 One forward of the student on a packed utterance (audio placeholders + prompt + 64 answer
@@ -13,6 +14,10 @@ encoder, decoder, loss head. Reported per decoder token, for `recompute` none, s
 full (with the encoder recomputed alongside full). The loss head runs its Triton kernels (in the
 interpreter on the CPU), so it saves what it saves on a GPU. Byte counts do not depend on the
 device, so the CPU measures them; nothing here times anything.
+
+`--transients`: the largest tensors any op makes during one SFT step (forward and backward,
+`opd.steps.sft_step`) on the same utterance, with their shapes: those with a token dimension
+grow with `data.max_tokens` (the figure per token says by how much).
 
 `--budget CONFIG`: the per-GPU memory of that run config's OPD step on one GPU of `--dp`
 data-parallel ranks (TP = PP = 1), from the parameter counts of its presets and the measured
@@ -36,7 +41,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the loss-head kernels, also on
 import torch  # noqa: E402
 
 from device_speed import bench_parser, report  # noqa: E402
-from random_models import TINY_OVERRIDES, toy_tokenizer  # noqa: E402
+from random_models import random_model, toy_tokenizer  # noqa: E402
 
 
 class SavedBytes:
@@ -67,19 +72,12 @@ class SavedBytes:
 def measure(preset: str, recompute: str, seconds: float, text_tokens: int, k: int,
             dtype: torch.dtype, tiny: bool) -> dict:
     from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
-    from ark_mega.data import PromptBuilder
     from ark_mega.kernels import sparse_lm_head, union_kl
-    from ark_mega.models import AudioLM, preset as load_preset
 
-    prompts = PromptBuilder.student(toy_tokenizer())
-    cfg = load_preset(preset)
-    cfg.audio_token_id = prompts.audio_id
-    if tiny:
-        cfg.decoder.vocab_size = TINY_OVERRIDES["decoder.vocab_size"]
-        cfg.encoder.num_mel_bins = TINY_OVERRIDES["encoder.num_mel_bins"]
-    torch.manual_seed(0)
-    model = AudioLM(cfg, dtype=dtype, transformer_impl="local", recompute=recompute,
-                    recompute_encoder=recompute == "full")
+    model, prompts = random_model(preset, toy_tokenizer(), dtype, torch.device("cpu"), tiny,
+                                  transformer_impl="local", recompute=recompute,
+                                  recompute_encoder=recompute == "full")
+    cfg = model.cfg
     frames = int(seconds * 100)
     audio = (whisper_audio_tokens(frames) if cfg.family == "ark_asr"
              else aut_audio_tokens(frames, cfg.encoder.n_window))
@@ -104,9 +102,49 @@ def measure(preset: str, recompute: str, seconds: float, text_tokens: int, k: in
     return out
 
 
+def transients(preset: str, seconds: float, text_tokens: int, dtype: torch.dtype, tiny: bool,
+               top: int = 4) -> dict:
+    """The `top` largest op outputs of one SFT step (forward + backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ark_mega.data import Collator
+    from ark_mega.opd.steps import sft_step
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = {}  # (address, bytes) -> (op, shape, dtype, bytes) of its first maker
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):  # views share their base's storage: once
+                    storage = t.untyped_storage()
+                    self.made.setdefault((storage.data_ptr(), storage.nbytes()), (
+                        func.overloadpacket.__name__, list(t.shape), str(t.dtype),
+                        storage.nbytes()))
+            return out
+
+    model, prompts = random_model(preset, toy_tokenizer(), dtype, torch.device("cpu"), tiny,
+                                  transformer_impl="local")
+    cfg = model.cfg
+    frames = int(seconds * 100)
+    gen = torch.Generator().manual_seed(0)
+    text = " ".join(["seven"] * text_tokens)
+    feats = [torch.randn(cfg.encoder.num_mel_bins, frames, generator=gen).to(dtype)]
+    batch = Collator(prompts).batch([prompts.build(frames, text, "en")], feats, ["u"], [text])
+    mode = Largest()
+    with mode:
+        sft_step(model, [batch])
+    tokens = batch.num_tokens
+    biggest = sorted(mode.made.values(), key=lambda m: -m[3])[:top]
+    return {"decoder_tokens": tokens,
+            "largest": [{"op": op, "shape": shape, "dtype": dt, "mib": b / 2**20}
+                        for op, shape, dt, b in biggest]}
+
+
 def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: int) -> dict:
     """Per-GPU GiB of the OPD step of `config` (see the module docstring)."""
-    from ark_mega.audio_tokens import whisper_audio_tokens
     from ark_mega.config import load_config
     from ark_mega.models import AudioLM, preset
 
@@ -153,6 +191,8 @@ def main() -> int:
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--recompute", nargs="*", default=["none", "selective", "full"])
+    ap.add_argument("--transients", action="store_true",
+                    help="the largest tensors of one SFT step instead")
     ap.add_argument("--budget", help="a run config: its per-GPU memory budget instead")
     ap.add_argument("--dp", type=int, default=8, help="with --budget: data-parallel ranks")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="with --budget: GPU memory")
@@ -166,6 +206,11 @@ def main() -> int:
     result = {"date": datetime.date.today().isoformat(),
               "setup": {"preset": args.preset, "seconds": args.seconds,
                         "text_tokens": args.text_tokens, "k": args.k, "dtype": str(dtype)}}
+    if args.transients:
+        result["sft_step"] = transients(args.preset, args.seconds, args.text_tokens, dtype,
+                                        args.smoke)
+        report(result, args.out)
+        return 0
     if args.budget:
         result["budget"] = budget(args.budget, args.dp, args.gpu_gib, args.seconds,
                                   args.text_tokens)

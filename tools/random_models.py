@@ -18,8 +18,9 @@ def toy_tokenizer():
 
 
 def random_model(name: str, tokenizer, dtype: torch.dtype, device: torch.device,
-                 tiny: bool = False, seed: int = 0):
-    """(AudioLM with random weights, its PromptBuilder) for preset `name`."""
+                 tiny: bool = False, seed: int = 0, **build):
+    """(AudioLM with random weights, its PromptBuilder) for preset `name`; `build`: AudioLM's
+    keyword arguments (layers, recomputation)."""
     from ark_mega.data import PromptBuilder
     from ark_mega.models import AudioLM, preset
 
@@ -30,4 +31,4 @@ def random_model(name: str, tokenizer, dtype: torch.dtype, device: torch.device,
         cfg.decoder.vocab_size = TINY_OVERRIDES["decoder.vocab_size"]
         cfg.encoder.num_mel_bins = TINY_OVERRIDES["encoder.num_mel_bins"]
     torch.manual_seed(seed)
-    return AudioLM(cfg, dtype=dtype).to(device), prompts
+    return AudioLM(cfg, dtype=dtype, **build).to(device), prompts
