@@ -73,16 +73,22 @@ def test_skip_ledger_judges_the_share_of_records_read(corpus):
         ledger.check(0.2)
 
 
-def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_path, tok_file,
-                                                             capfd):  # noqa: F811
-    from ark_mega.opd.trainer import Trainer
-
+def bad_manifest(tmp_path):
+    """24 demo utterances with a missing file at line 6 and a silent one at line 10."""
     rows = [json.loads(line) for line in open(small_manifest(tmp_path, 24), encoding="utf-8")]
     sf.write(tmp_path / "silent.flac", np.zeros(16000, np.float32), 16000)
     rows.insert(5, dict(rows[0], audio=str(tmp_path / "missing.ogg")))
     rows.insert(9, dict(rows[0], audio=str(tmp_path / "silent.flac")))
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return manifest
+
+
+def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_path, tok_file,
+                                                             capfd):  # noqa: F811
+    from ark_mega.opd.trainer import Trainer
+
+    manifest = bad_manifest(tmp_path)
 
     def run(out, bound):
         return Trainer(load_config(None, run_overrides(
@@ -99,6 +105,28 @@ def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_pa
                                          r"data.max_skip_fraction=0.01"):
         run("strict", 0.01)  # the missing file is known once the bucket edges are estimated
     assert not os.path.isdir(tmp_path / "strict" / "checkpoints" / "step_000001")
+
+
+def test_td_names_skipped_records_and_stops_past_the_bound_before_transcribing(
+        single_rank, tmp_path, tok_file, capfd):  # noqa: F811
+    from ark_mega import checkpoint
+    from ark_mega.opd.trainer import Trainer
+    from opd_setup import VOCAB, model, tokenizer
+
+    manifest = bad_manifest(tmp_path)
+    teacher = model("tiny_qwen3_asr", PromptBuilder.teacher(tokenizer()), seed=1)
+    checkpoint.save(str(tmp_path / "teacher"), 1, teacher)
+    td_manifest = tmp_path / "td.jsonl"
+    with pytest.raises(ValueError, match=r"skipped 1 of the 26 records read \(3.85%\), more than "
+                                         r"data.max_skip_fraction=0.01"):
+        Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "td", **{
+            "stage": "td", "steps": 1, "td_manifest": str(td_manifest),
+            "teacher.preset": "tiny_qwen3_asr", "teacher.checkpoint": str(tmp_path / "teacher"),
+            "teacher.overrides": {"decoder.vocab_size": VOCAB, "encoder.num_mel_bins": 128},
+            "data.train": str(manifest), "data.skip_bad": True,
+            "data.max_skip_fraction": 0.01}))).run()
+    assert f"skipped {manifest}:6: field 'audio': file not found" in capfd.readouterr().out
+    assert not td_manifest.exists() and not list(tmp_path.glob("td.jsonl.part-*"))
 
 
 def test_brace_expansion_follows_nemo():

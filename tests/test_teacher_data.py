@@ -34,13 +34,14 @@ def test_killed_td_resumes_to_the_same_manifest(single_rank, tmp_path, monkeypat
     cuts = list(cuts)[:12]
     args = (blocked_ids(tp, VOCAB), 8, 700, "teacher-checkpoint")  # small batches: several
 
-    whole = write_teacher_manifest(teacher, tp, cuts, str(tmp_path / "whole.jsonl"), *args)
+    whole = write_teacher_manifest(teacher, tp, cuts, len(cuts), str(tmp_path / "whole.jsonl"),
+                                   *args)
 
     out = str(tmp_path / "td.jsonl")
     killed = CountingGenerate(fail_at=3)
     monkeypatch.setattr(transcribe_module, "generate", killed)
     with pytest.raises(KeyboardInterrupt):
-        write_teacher_manifest(teacher, tp, cuts, out, *args)
+        write_teacher_manifest(teacher, tp, cuts, len(cuts), out, *args)
     assert not os.path.exists(out)
     shard = out + ".part-dp0.jsonl"
     done = read_shard(shard)
@@ -50,7 +51,7 @@ def test_killed_td_resumes_to_the_same_manifest(single_rank, tmp_path, monkeypat
 
     resumed = CountingGenerate()
     monkeypatch.setattr(transcribe_module, "generate", resumed)
-    write_teacher_manifest(teacher, tp, cuts, out, *args)
+    write_teacher_manifest(teacher, tp, cuts, len(cuts), out, *args)
     assert resumed.utterances == len(cuts) - len(done)  # only what the shard did not hold
     with open(whole, encoding="utf-8") as a, open(out, encoding="utf-8") as b:
         assert a.read() == b.read()

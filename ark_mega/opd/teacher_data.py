@@ -53,17 +53,16 @@ def read_shard(path: str) -> dict[str, str]:
     return done
 
 
-def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts, out: str,
+def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts, total: int, out: str,
                            blocked: torch.Tensor, max_new_tokens: int, batch_tokens: int,
                            teacher_name: str) -> str:
-    """The teacher's transcripts of `cuts` (a re-iterable source, read lazily: a few passes, never
-    held) as the TD manifest `out`, resuming from its shards."""
+    """The teacher's transcripts of `cuts` (a re-iterable source of `total` cuts, read lazily: a
+    few passes, never held) as the TD manifest `out`, resuming from its shards."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     texts = {}
     for path in _shards(out):
         texts.update(read_shard(path))
     dist.barrier()  # every rank has read the shards before any appends to them
-    total = sum(1 for _ in cuts)
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
     shard = open(f"{out}.part-dp{ps.get_data_parallel_rank()}.jsonl", "a", encoding="utf-8") \
         if writer else None
@@ -104,7 +103,7 @@ class _Untranscribed:
         return (c for c in self.cuts if c.id not in self.done)
 
 
-def _write(cuts: list, texts: dict[str, str], out: str, teacher_name: str) -> None:
+def _write(cuts, texts: dict[str, str], out: str, teacher_name: str) -> None:
     base = os.path.dirname(os.path.abspath(out))
     kept = total = 0
     with open(out + ".tmp", "w", encoding="utf-8") as f:

@@ -114,7 +114,7 @@ class Trainer:
         # "student" is the model this run trains, whichever family (the demo's teacher SFT
         # trains a Qwen3-ASR model); its prompts follow its family's template
         self.student, self.student_prompts = build_model(cfg.student, self.dtype,
-                                            ctc_head=cfg.sft.ctc_weight > 0)
+                                                         ctc_head=cfg.sft.ctc_weight > 0)
         if cfg.student.checkpoint:  # a CTC head the checkpoint lacks starts fresh
             checkpoint.load(cfg.student.checkpoint, self.student, optional=("ctc_head.",))
         self.teacher = self.teacher_prompts = None
@@ -173,12 +173,15 @@ class Trainer:
         if os.path.isfile(out):
             return out  # made by this run before a restart: the train manifest is not read
         cuts = ManifestStream(cfg.data.train, self._load_policy(), cfg.data.subset,
+                              on_skip=self._report_skip if self.is_writer else None,
                               tarred_audio=cfg.data.tarred_audio_filepaths)
+        total = sum(1 for _ in cuts)  # one pass: the count, and the records' read-time checks
+        SkipLedger(cuts).check(cfg.data.max_skip_fraction)  # before the teacher's hours of work
         blocked = blocked_ids(self.teacher_prompts, self.teacher.cfg.decoder.vocab_size,
                               cfg.opd.blocked_from)
-        return write_teacher_manifest(self.teacher, self.teacher_prompts, cuts, out, blocked,
-                                      cfg.opd.generation.max_new_tokens, cfg.eval_batch_tokens,
-                                      cfg.teacher.checkpoint)
+        return write_teacher_manifest(self.teacher, self.teacher_prompts, cuts, total, out,
+                                      blocked, cfg.opd.generation.max_new_tokens,
+                                      cfg.eval_batch_tokens, cfg.teacher.checkpoint)
 
     def _loader(self, cuts: CutSet, epoch: int, consumed: int):
         cfg = self.cfg
