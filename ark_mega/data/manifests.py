@@ -76,11 +76,14 @@ class SkipReport:
 
     def summary(self) -> str:
         kept = self.total - sum(self.skipped.values())
-        lines = [f"{kept} of {self.total} records kept, {sum(self.skipped.values())} skipped "
-                 f"({100 * self.fraction:.2f}%)"]
-        for kind, n in sorted(self.skipped.items()):
-            lines.append(f"  {kind}: {n} (first: {self.first_error[kind]})")
-        return "\n".join(lines)
+        head = (f"{kept} of {self.total} records kept, {sum(self.skipped.values())} skipped "
+                f"({100 * self.fraction:.2f}%)")
+        return "\n".join([head, self.by_kind()] if self.skipped else [head])
+
+    def by_kind(self) -> str:
+        """A line per kind: its count and its first record."""
+        return "\n".join(f"  {kind}: {n} (first: {self.first_error[kind]})"
+                         for kind, n in sorted(self.skipped.items()))
 
 
 # ------------------------------------------------------------------------------ reading

@@ -5,7 +5,7 @@ first step takes hours and tens of GB on every rank. `ManifestStream` is what th
 iterates instead: each pass re-reads the manifest, keeps the `data.subset` records (decided
 per record, `in_subset`), and checks what is cheap there (fields, the file exists, its header
 gives the duration). Decoding the audio, the expensive check, happens in the data workers
-(`Collator`), which skip and report a record whose samples cannot be trained on.
+(`CutBatches`), which skip and report a record whose samples cannot be trained on.
 
 `SkipLedger` counts what was skipped, by kind, each record once however many passes meet it,
 and stops the run once the skipped share of the records read passes `max_skip_fraction`
@@ -14,7 +14,6 @@ and stops the run once the skipped share of the records read passes `max_skip_fr
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 from typing import Callable
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 from lhotse import CutSet
 
-from .manifests import LoadPolicy, ManifestError, in_subset, iter_records
+from .manifests import LoadPolicy, ManifestError, SkipReport, in_subset, iter_records
 from .nemo_tarred import iter_nemo_tarred
 
 MIN_RECORDS_TO_JUDGE = 1000
@@ -106,9 +105,7 @@ class SkipLedger:
 
     def summary(self) -> str:
         """Counts by kind, with the first record of each kind (this rank's decode errors)."""
-        errors = list(self.stream.read_errors.values()) + list(self.decode_errors.values())
-        kinds = Counter(e.kind for e in errors)
-        first = {}
-        for e in errors:
-            first.setdefault(e.kind, str(e))
-        return "\n".join(f"  {kind}: {n} (first: {first[kind]})" for kind, n in sorted(kinds.items()))
+        report = SkipReport()
+        for err in [*self.stream.read_errors.values(), *self.decode_errors.values()]:
+            report.add(err)
+        return report.by_kind()
