@@ -72,6 +72,10 @@ class VocabShard:
     size: int
     group: object | None
 
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This shard's rows of a tensor over the whole vocabulary."""
+        return full[self.start:self.start + self.size]
+
 
 def vocab_shard(rows: int) -> VocabShard:
     """The shard of an output layer whose local weight has `rows` rows."""

@@ -60,7 +60,7 @@ def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationCon
     shard = vocab_shard(logits.shape[-1])
     empty = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=shard.start,
-                       blocked=None if blocked is None else blocked[shard.start:shard.start + shard.size],
+                       blocked=None if blocked is None else shard.local(blocked),
                        tp_group=shard.group)
     if cfg.greedy:
         return top.ids[:, 0], top.ids

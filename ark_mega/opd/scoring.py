@@ -48,10 +48,10 @@ def score(model: AudioLM, sequences: list[list[int]], audio: list[torch.Tensor],
     def loss_fn(hidden, batch):
         weight = model.output_weight()
         shard = vocab_shard(weight.shape[0])
-        rows = None if blocked is None else blocked[shard.start:shard.start + shard.size]
         # logits are formed a vocabulary chunk at a time, at the chosen positions only
         result["top"] = teacher_topk(k, ids_to_score.to(device), hidden=hidden[flat, 0],
-                                     weight=weight, vocab_start=shard.start, blocked=rows,
+                                     weight=weight, vocab_start=shard.start,
+                                     blocked=None if blocked is None else shard.local(blocked),
                                      tp_group=shard.group)
         return hidden.new_zeros(()), {}
 
