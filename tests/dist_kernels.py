@@ -1,5 +1,5 @@
-"""Run under torchrun with 2 processes (gloo, CPU): the vocab-parallel kernels at TP = 2 equal
-TP = 1.   torchrun --nproc_per_node 2 tests/dist_kernels.py"""
+"""Run under torchrun with 2 processes (gloo, CPU): the vocab-parallel kernels (and SFT's chunked
+cross-entropy) at TP = 2 equal TP = 1.   torchrun --nproc_per_node 2 tests/dist_kernels.py"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from ark_mega.distributed import ParallelConfig, init_parallel  # noqa: E402
 from dist_common import finish  # noqa: E402
+from ark_mega.cross_entropy import chunked_cross_entropy  # noqa: E402
 from ark_mega.kernels import sparse_lm_head, teacher_topk  # noqa: E402
 
 N, H, V, K = 13, 24, 64, 8
@@ -43,6 +44,19 @@ def main() -> int:
                           impl="triton")
     (part * g).sum().backward()
     results["sparse_lm_head"] = max(
+        (part - full).abs().max().item(), (h2.grad - h1.grad).abs().max().item(),
+        (w2.grad - w1.grad[start:start + v_local]).abs().max().item())
+
+    # SFT's chunked cross-entropy: loss and both gradients
+    labels = torch.randint(0, V, (N,), generator=gen)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    full = chunked_cross_entropy(h1, w1, labels, rows=4)
+    (full * g[:, 0]).sum().backward()
+    h2 = hidden.clone().requires_grad_()
+    w2 = weight[start:start + v_local].clone().requires_grad_()
+    part = chunked_cross_entropy(h2, w2, labels, start, ps.get_tensor_model_parallel_group(), rows=4)
+    (part * g[:, 0]).sum().backward()
+    results["chunked_cross_entropy"] = max(
         (part - full).abs().max().item(), (h2.grad - h1.grad).abs().max().item(),
         (w2.grad - w1.grad[start:start + v_local]).abs().max().item())
 

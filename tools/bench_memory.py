@@ -103,7 +103,7 @@ def measure(preset: str, recompute: str, seconds: float, text_tokens: int, k: in
 
 
 def transients(preset: str, seconds: float, text_tokens: int, dtype: torch.dtype, tiny: bool,
-               top: int = 4) -> dict:
+               top: int = 6) -> dict:
     """The `top` largest op outputs of one SFT step (forward + backward)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 

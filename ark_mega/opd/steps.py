@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 
 from ..config import OPDSettings
+from ..cross_entropy import chunked_cross_entropy
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
 from ..distributed import device, vocab_shard
@@ -91,17 +91,24 @@ class GlobalMean:
 def sft_step(model, batches: list[Batch], ctc: JointCTC | None = None) -> dict:
     """Cross-entropy on the transcript tokens (loss mask) of a step's packed micro-batches, one
     mean over the global batch's tokens; with `ctc`, joint CTC / attention training (one
-    pipeline stage): `((1 - w) * CE + w * CTC)`, both summed, per scored token."""
+    pipeline stage): `((1 - w) * CE + w * CTC)`, both summed, per scored token. The
+    cross-entropy is computed from the final hidden states a chunk of positions at a time
+    (`chunked_cross_entropy`): no [T, V] logits."""
     device = next(model.parameters()).device
+    module = getattr(model, "module", model)  # model may be wrapped (DDP)
     micro = [{"input_ids": b.input_ids.to(device), "cu_seqlens": b.cu_seqlens.to(device),
               "audio_features": [f.to(device) for f in b.audio_features],
-              "return_ctc": ctc is not None, "labels": b.labels[0].to(device),
-              "mask": b.loss_mask[0].to(device), "texts": b.texts} for b in batches]
+              "return_ctc": ctc is not None, "return_hidden": True,
+              "labels": b.labels[0].to(device), "mask": b.loss_mask[0].to(device),
+              "texts": b.texts} for b in batches]
     norm = GlobalMean(sum(m["mask"].sum() for m in micro), len(micro))
 
     def loss_fn(output, mb):
-        logits, (log_probs, counts) = output if ctc else (output, (None, None))
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits[:, 0].float(), mb["labels"])
+        hidden, (log_probs, counts) = output if ctc else (output, (None, None))
+        weight = module.output_weight()
+        shard = vocab_shard(weight.shape[0])
+        losses = chunked_cross_entropy(hidden[:, 0], weight, mb["labels"], shard.start,
+                                       shard.group)
         ce = (losses * mb["mask"]).sum()
         loss, report = ce, {"ce": ce.detach()}
         if ctc:
