@@ -21,9 +21,6 @@ from . import checkpoint
 from .config import load_config
 from .plots import plot_run, read_metrics
 
-# the preset a shipped model's own config (model.json) is laid over, by family
-FAMILY_PRESETS = {"ark_asr": "tiny_ark_asr", "qwen3_asr": "tiny_qwen3_asr"}
-
 
 def _stage_overrides(spec: dict, prefix: str = "") -> list[str]:
     out = []
@@ -54,10 +51,12 @@ def checkpoint_spec(path: str) -> dict:
     """The run config (`student:` / `teacher:`) of the model in a checkpoint folder: its
     family's preset with every field of the saved config as an override, the weights and the
     tokenizer beside them."""
+    from .models.families import family
+
     cfg = checkpoint.model_config(path).to_dict()
     overrides = {f"{part}.{k}": v for part in ("encoder", "decoder") for k, v in cfg[part].items()}
     tokenizer = os.path.join(path, "tokenizer")
-    return {"preset": FAMILY_PRESETS[cfg["family"]], "overrides": overrides,
+    return {"preset": family(cfg["family"]).tiny_preset, "overrides": overrides,
             "checkpoint": path, "tokenizer": tokenizer if os.path.isdir(tokenizer) else None}
 
 

@@ -71,7 +71,6 @@ class SavedBytes:
 
 def measure(preset: str, recompute: str, seconds: float, text_tokens: int, k: int,
             dtype: torch.dtype, tiny: bool) -> dict:
-    from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
     from ark_mega.kernels import sparse_lm_head, union_kl
 
     model, prompts = random_model(preset, toy_tokenizer(), dtype, torch.device("cpu"), tiny,
@@ -79,8 +78,7 @@ def measure(preset: str, recompute: str, seconds: float, text_tokens: int, k: in
                                   recompute_encoder=recompute == "full")
     cfg = model.cfg
     frames = int(seconds * 100)
-    audio = (whisper_audio_tokens(frames) if cfg.family == "ark_asr"
-             else aut_audio_tokens(frames, cfg.encoder.n_window))
+    audio = prompts.audio_tokens(frames)
     gen = torch.Generator().manual_seed(0)
     ids = prompts.build(frames).input_ids + torch.randint(
         0, len(prompts.tokenizer.get_vocab()), (text_tokens,), generator=gen).tolist()

@@ -62,19 +62,16 @@ def build(args):
 
 def hf_copies(student, teacher, dtype, dev):
     """transformers' models with our weights (TP = PP = 1)."""
-    from transformers import GlmAsrForConditionalGeneration, Qwen3ASRForConditionalGeneration
-
-    from ark_mega.convert.hf_configs import glmasr_config, qwen3_asr_config
     from ark_mega.convert.hf_maps import megatron_to_hf
+    from ark_mega.models.families import family
 
     out = []
-    for model, cls, make, layout in ((student, GlmAsrForConditionalGeneration, glmasr_config, "glmasr"),
-                                     (teacher, Qwen3ASRForConditionalGeneration, qwen3_asr_config,
-                                      "qwen3_asr")):
+    for model in (student, teacher):
+        layout = family(model.cfg.family).transformers_layout
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         with torch.device(dev):  # initialised where it runs: a 1.7B init on CPU takes long
-            hf = cls(make(model.cfg)).to(dtype)
-        hf.load_state_dict(megatron_to_hf({(0, 0): state}, layout, model.cfg), strict=True)
+            hf = layout.transformers_model(model.cfg).to(dtype)
+        hf.load_state_dict(megatron_to_hf({(0, 0): state}, layout.name, model.cfg), strict=True)
         out.append(hf.to(dev).eval())
     out[1].requires_grad_(False)
     return out

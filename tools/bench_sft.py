@@ -28,9 +28,11 @@ def train_flops(cfg, utterances: list[tuple[int, int]]) -> float:
     of an Ark-ASR model on utterances given as (mel frames, decoder tokens). Matrix products
     only (2 FLOPs per multiply-add), attention scores and values included, causal attention
     counted at half."""
+    from ark_mega.models.config import WhisperEncoderConfig
+
     enc, dec = cfg.encoder, cfg.decoder
-    if cfg.family != "ark_asr":
-        raise ValueError(f"train_flops covers the Ark-ASR (Whisper encoder) family, not {cfg.family}")
+    if not isinstance(enc, WhisperEncoderConfig):
+        raise ValueError(f"train_flops covers the Whisper encoder (Ark-ASR), not {cfg.family}'s")
     he, hd, h = enc.hidden_size, dec.kv_channels, dec.hidden_size
     # decoder, per token: QKV, output projection, SwiGLU MLP (3 matrices); the output layer
     per_token = dec.num_layers * 2 * (h * (dec.num_heads + 2 * dec.num_kv_heads) * hd

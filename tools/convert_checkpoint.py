@@ -85,20 +85,18 @@ def _verify(folder: str, expected: dict) -> None:
                            f"(first differences: {wrong[:3]})")
 
 
-LAYOUTS = {"ark_asr": ("arkasr", "glmasr"), "qwen3_asr": ("qwen3_asr",)}  # by model family
-
-
 def do_export(args) -> str:
     from ark_mega import checkpoint
     from ark_mega.convert.hf_folder import (TOKENIZER_FILES, config_to_hf, copy_tokenizer,
                                             disk_name, write_tensors, written_files)
-    from ark_mega.convert.hf_maps import iter_global_to_hf, rules_for
+    from ark_mega.convert.hf_maps import iter_global_to_hf
     from ark_mega.data import PromptBuilder, load_tokenizer
     from ark_mega.models import AudioLM
+    from ark_mega.models.families import family, layout
     from ark_mega.transcribe import blocked_ids
 
     cfg = checkpoint.model_config(args.src)
-    allowed = LAYOUTS[cfg.family]
+    allowed = family(cfg.family).export_layouts
     args.layout = args.layout or allowed[0]
     if args.layout not in allowed:
         raise ValueError(f"{args.src} holds a {cfg.family} model: export it with --layout "
@@ -107,7 +105,7 @@ def do_export(args) -> str:
     checkpoint.load(args.src, model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     hf_config = config_to_hf(cfg, args.layout)  # fails before anything is written
-    rules = rules_for(args.layout, cfg)
+    rules = layout(args.layout).rules(cfg)
     names = ["config.json", "generation_config.json", *TOKENIZER_FILES]
     owned = [os.path.join(args.dst, n) for n in names] + (
         written_files(args.dst) + glob.glob(os.path.join(args.dst, "model-*.safetensors"))
@@ -137,6 +135,8 @@ def do_export(args) -> str:
 
 def main() -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
+    from ark_mega.models.families import FAMILIES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF folder -> megatron dist checkpoint")
@@ -145,8 +145,10 @@ def main() -> int:
     exp = sub.add_parser("export", help="megatron checkpoint -> HF folder")
     exp.add_argument("src")
     exp.add_argument("dst")
-    exp.add_argument("--layout", choices=["arkasr", "glmasr", "qwen3_asr"],
-                     help="default: arkasr for Ark-ASR, qwen3_asr for Qwen3-ASR models")
+    exp.add_argument("--layout", choices=[name for fam in FAMILIES.values()
+                                          for name in fam.export_layouts],
+                     help="default: the first of the model family's (arkasr for Ark-ASR, "
+                          "qwen3_asr for Qwen3-ASR models)")
     exp.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (+ files)")
     exp.add_argument("--blocked-from", type=int, default=None)
     exp.add_argument("--max-shard-gb", type=float, default=2.0)

@@ -30,14 +30,10 @@ def our_count(cfg) -> int:
 
 
 def hf_count(cfg) -> int:
-    from transformers import GlmAsrForConditionalGeneration, Qwen3ASRForConditionalGeneration
+    from ark_mega.models.families import family
 
-    from ark_mega.convert.hf_configs import glmasr_config, qwen3_asr_config
-
-    cls, hf_cfg = ((GlmAsrForConditionalGeneration, glmasr_config(cfg)) if cfg.family == "ark_asr"
-                   else (Qwen3ASRForConditionalGeneration, qwen3_asr_config(cfg)))
     with torch.device("meta"):
-        model = cls(hf_cfg)
+        model = family(cfg.family).transformers_layout.transformers_model(cfg)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -26,7 +26,7 @@ def main() -> int:
 
     from ark_mega.distributed import ParallelConfig, destroy_parallel, device, init_parallel
     from ark_mega.models import AudioLM, preset
-    from ark_mega.audio_tokens import aut_audio_tokens, whisper_audio_tokens
+    from ark_mega.models.families import family
     from ark_mega.pipeline import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,8 +49,7 @@ def main() -> int:
     n_params = sum(p.numel() for p in model.parameters())
 
     frames = int(args.seconds * 100)
-    count = (whisper_audio_tokens(frames) if cfg.family == "ark_asr"
-             else aut_audio_tokens(frames, cfg.encoder.n_window))
+    count = family(cfg.family).audio_tokens(cfg.encoder, frames)
     gen = torch.Generator().manual_seed(0)
     ids, feats = [], []
     for _ in range(args.batch):

@@ -3,7 +3,8 @@
 A map is a list of `Rule`s: one of our tensors, how it shards over tensor-parallel ranks, and
 the HF tensor(s) it is made of. Our side is first built unsharded with global layer numbers
 ("global" state dict), then cut into (tp_rank, pp_rank) shards, and the reverse. Names on our
-side are those of `ark_mega.models.AudioLM` with the local layer spec.
+side are those of `ark_mega.models.AudioLM` with the local layer spec. A layout's rules are
+found by its name in `ark_mega.models.families`.
 """
 
 from __future__ import annotations
@@ -146,16 +147,6 @@ def qwen3_asr_thinker_rules(cfg: AudioLMConfig) -> list[Rule]:
             + _decoder_rules(cfg, "thinker.model", lm_head="thinker.lm_head.weight"))
 
 
-LAYOUTS = {"glmasr": glmasr_rules, "arkasr": arkasr_rules, "qwen3_asr": qwen3_asr_rules,
-           "qwen3_asr_thinker": qwen3_asr_thinker_rules}
-
-
-def rules_for(layout: str, cfg: AudioLMConfig) -> list[Rule]:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown Hugging Face layout {layout!r}; known: {sorted(LAYOUTS)}")
-    return LAYOUTS[layout](cfg)
-
-
 # ----------------------------------------------------------------------------- expansion
 
 
@@ -285,14 +276,20 @@ def shards_to_global(shards: dict[tuple[int, int], dict[str, torch.Tensor]], rul
 def hf_to_megatron(hf: dict[str, torch.Tensor], layout: str, cfg: AudioLMConfig, tp: int = 1,
                    pp: int = 1, source: str = "checkpoint"):
     """HF state dict -> {(tp_rank, pp_rank): megatron state dict of that rank}."""
-    rules = rules_for(layout, cfg)
+    rules = _rules(layout, cfg)
     return global_to_shards(hf_to_global(hf, rules, cfg, source), rules, cfg, tp, pp)
 
 
 def megatron_to_hf(shards, layout: str, cfg: AudioLMConfig, tp: int = 1, pp: int = 1):
     """{(tp_rank, pp_rank): megatron state dict} -> HF state dict."""
-    rules = rules_for(layout, cfg)
+    rules = _rules(layout, cfg)
     return global_to_hf(shards_to_global(shards, rules, cfg, tp, pp), rules, cfg)
+
+
+def _rules(layout: str, cfg: AudioLMConfig) -> list[Rule]:
+    from ..models.families import layout as find_layout  # families imports this module
+
+    return find_layout(layout).rules(cfg)
 
 
 def load_shard(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -16,8 +16,6 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from ..audio_tokens import aut_audio_tokens, whisper_audio_tokens
-
 
 @dataclass(frozen=True)
 class ChatTemplate:
@@ -78,20 +76,29 @@ class PromptBuilder:
         self.suffix = self.encode(template.suffix)
 
     @classmethod
-    def student(cls, tokenizer: Tokenizer, merge_factor: int = 4) -> "PromptBuilder":
-        return cls(tokenizer, ARK_ASR, lambda frames: whisper_audio_tokens(frames, merge_factor))
+    def student(cls, tokenizer: Tokenizer) -> "PromptBuilder":
+        """Ark-ASR's prompts, at its encoder's default settings."""
+        return cls.of_family(tokenizer, "ark_asr")
 
     @classmethod
-    def teacher(cls, tokenizer: Tokenizer, n_window: int = 50) -> "PromptBuilder":
-        return cls(tokenizer, QWEN3_ASR, lambda frames: aut_audio_tokens(frames, n_window))
+    def teacher(cls, tokenizer: Tokenizer) -> "PromptBuilder":
+        """Qwen3-ASR's prompts, at its encoder's default settings."""
+        return cls.of_family(tokenizer, "qwen3_asr")
 
     @classmethod
     def for_model(cls, tokenizer: Tokenizer, cfg) -> "PromptBuilder":
-        """The prompts of a model config's family (an AudioLMConfig): Ark-ASR's template for
-        the ark_asr family, Qwen3-ASR's otherwise, with its encoder's audio-token rule."""
-        if cfg.family == "ark_asr":
-            return cls.student(tokenizer, cfg.encoder.merge_factor)
-        return cls.teacher(tokenizer, cfg.encoder.n_window)
+        """The prompts of a model config (an AudioLMConfig), at its encoder's settings."""
+        return cls.of_family(tokenizer, cfg.family, cfg.encoder)
+
+    @classmethod
+    def of_family(cls, tokenizer: Tokenizer, name: str, encoder=None) -> "PromptBuilder":
+        """Model family `name`'s chat template and audio-token rule (models/families.py), the
+        rule read with `encoder`, an encoder config (default: the family's defaults)."""
+        from ..models.families import family  # families imports this module
+
+        fam = family(name)
+        encoder = encoder if encoder is not None else fam.encoder_config()
+        return cls(tokenizer, fam.template, lambda frames: fam.audio_tokens(encoder, frames))
 
     @property
     def answer_special_ids(self) -> list[int]:

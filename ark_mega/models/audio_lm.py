@@ -18,7 +18,7 @@ from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
-from .audio_encoders import AuTEncoder, WhisperEncoder, packed_seq_params
+from .audio_encoders import packed_seq_params
 from .config import AudioLMConfig
 from .megatron_config import decoder_config, encoder_config
 from .specs import decoder_layer_spec, use_transformer_engine
@@ -44,12 +44,11 @@ class AudioLM(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
+            from .families import family  # families imports this package
+
             enc_config = encoder_config(cfg.encoder, dtype, fp8,
                                         "full" if recompute_encoder else "none")
-            if cfg.family == "ark_asr":
-                self.encoder = WhisperEncoder(cfg.encoder, enc_config, dec.hidden_size, use_te)
-            else:
-                self.encoder = AuTEncoder(cfg.encoder, enc_config, use_te)
+            self.encoder = family(cfg.family).encoder(cfg, enc_config, use_te)
         # the CTC head's classes: the vocabulary, then the blank (id vocab_size)
         self.ctc_head = (torch.nn.Linear(dec.hidden_size, dec.vocab_size + 1)
                          if ctc_head and pre_process else None)

@@ -64,29 +64,30 @@ class DecoderConfig:
 
 @dataclass
 class AudioLMConfig:
-    """An audio encoder + adapter + decoder; `family` says which encoder."""
+    """An audio encoder + adapter + decoder; `family` (models/families.py) says which encoder."""
 
-    family: str  # "ark_asr" (Whisper encoder) or "qwen3_asr" (AuT encoder)
+    family: str  # "ark_asr" (Whisper encoder), "qwen3_asr" (AuT encoder): models/families.py
     encoder: WhisperEncoderConfig | AuTEncoderConfig
     decoder: DecoderConfig
     audio_token_id: int = 151646
 
     def __post_init__(self):
-        expected = {"ark_asr": WhisperEncoderConfig, "qwen3_asr": AuTEncoderConfig}
-        if self.family not in expected:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {list(expected)}")
-        if not isinstance(self.encoder, expected[self.family]):
-            raise TypeError(f"{self.family} needs a {expected[self.family].__name__}")
-        if self.family == "qwen3_asr" and self.encoder.output_dim != self.decoder.hidden_size:
-            raise ValueError(f"the AuT encoder's output_dim ({self.encoder.output_dim}) must equal "
-                             f"the decoder's hidden_size ({self.decoder.hidden_size})")
+        from .families import family  # families imports this module
+
+        fam = family(self.family)
+        if not isinstance(self.encoder, fam.encoder_config):
+            raise TypeError(f"{self.family} needs a {fam.encoder_config.__name__}")
+        if fam.validate is not None:
+            fam.validate(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AudioLMConfig":
-        enc_cls = WhisperEncoderConfig if d["family"] == "ark_asr" else AuTEncoderConfig
+        from .families import family  # families imports this module
+
+        enc_cls = family(d["family"]).encoder_config
         return cls(family=d["family"], encoder=enc_cls(**d["encoder"]),
                    decoder=DecoderConfig(**d["decoder"]), audio_token_id=d["audio_token_id"])
 
