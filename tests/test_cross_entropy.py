@@ -1,11 +1,12 @@
-"""The chunked cross-entropy (output layer fused, a chunk of positions at a time) against the
-plain computation in float64: loss and both gradients; TP = 2 in tests/dist_kernels.py."""
+"""SFT's linear cross-entropy (output layer fused, a chunk of positions at a time, gradients
+formed in the forward pass) against the plain computation in float64: loss and both
+gradients; TP = 2 in tests/dist_kernels.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ark_mega.cross_entropy import chunk_rows, chunked_cross_entropy
+from ark_mega.cross_entropy import chunk_rows, linear_cross_entropy
 
 
 def _inputs(dtype, t=37, h=16, v=50):
@@ -13,44 +14,52 @@ def _inputs(dtype, t=37, h=16, v=50):
     hidden = torch.randn(t, h, generator=gen).to(dtype)
     weight = torch.randn(v, h, generator=gen).to(dtype)
     labels = torch.randint(0, v, (t,), generator=gen)
-    grad = torch.rand(t, generator=gen)
-    return hidden, weight, labels, grad
+    mask = torch.rand(t, generator=gen) < 0.7  # a loss mask: some positions not scored
+    return hidden, weight, labels, mask
 
 
-def _plain(hidden, weight, labels, grad):
+def _plain(hidden, weight, labels, mask, scale):
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    loss = F.cross_entropy(h @ w.t(), labels, reduction="none")
-    (loss * grad.double()).sum().backward()
+    loss = (F.cross_entropy(h @ w.t(), labels, reduction="none") * mask).sum()
+    (loss * scale).backward()
     return loss, h.grad, w.grad
 
 
 @pytest.mark.parametrize("rows", [1, 5, 37, 64])
-def test_chunked_equals_plain_in_fp32(rows):
-    hidden, weight, labels, grad = _inputs(torch.float32)
-    ref_loss, ref_h, ref_w = _plain(hidden, weight, labels, grad)
+def test_equals_plain_in_fp32(rows):
+    hidden, weight, labels, mask = _inputs(torch.float32)
+    ref_loss, ref_h, ref_w = _plain(hidden, weight, labels, mask, 0.3)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = chunked_cross_entropy(h, w, labels, rows=rows)
-    (loss * grad).sum().backward()
-    assert loss.dtype == torch.float32
+    loss = linear_cross_entropy(h, w, labels, mask, rows=rows)
+    (loss * 0.3).backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.grad.double(), ref_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w.grad.double(), ref_w, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_matches_the_plain_bf16_path():
-    """In bf16 the chunked loss is the plain path's (bf16 logits, float32 cross-entropy) up to
-    bf16 rounding of the gradients, each chunk's weight gradient summed in float32."""
-    hidden, weight, labels, grad = _inputs(torch.bfloat16, t=300, h=32, v=500)
+    """In bf16 the loss is the plain path's (bf16 logits, float32 cross-entropy) and the
+    gradients agree up to bf16 rounding, each chunk's weight gradient summed in float32."""
+    hidden, weight, labels, mask = _inputs(torch.bfloat16, t=300, h=32, v=500)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    plain = F.cross_entropy((h1 @ w1.t()).float(), labels, reduction="none")
-    (plain * grad).sum().backward()
+    plain = (F.cross_entropy((h1 @ w1.t()).float(), labels, reduction="none") * mask).sum()
+    plain.backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = chunked_cross_entropy(h2, w2, labels, rows=64)
-    (loss * grad).sum().backward()
+    loss = linear_cross_entropy(h2, w2, labels, mask, rows=64)
+    loss.backward()
     assert h2.grad.dtype == w2.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, plain, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(h2.grad.float(), h1.grad.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(w2.grad.float(), w1.grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_no_gradients_formed_without_grad():
+    hidden, weight, labels, mask = _inputs(torch.float32)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, mask, rows=5)
+    ref, _, _ = _plain(hidden, weight, labels, mask, 1.0)
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_chunk_holds_a_bounded_slice_of_logits():
@@ -59,6 +68,8 @@ def test_chunk_holds_a_bounded_slice_of_logits():
 
 
 def test_shapes_are_checked():
-    hidden, weight, labels, _ = _inputs(torch.float32)
+    hidden, weight, labels, mask = _inputs(torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
-        chunked_cross_entropy(hidden, weight[:, :8], labels)
+        linear_cross_entropy(hidden, weight[:, :8], labels, mask)
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cross_entropy(hidden, weight, labels, mask[:-1])

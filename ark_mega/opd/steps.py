@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
 from ..config import OPDSettings
-from ..cross_entropy import chunked_cross_entropy
+from ..cross_entropy import linear_cross_entropy
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
 from ..distributed import device, vocab_shard
@@ -93,7 +93,7 @@ def sft_step(model, batches: list[Batch], ctc: JointCTC | None = None) -> dict:
     mean over the global batch's tokens; with `ctc`, joint CTC / attention training (one
     pipeline stage): `((1 - w) * CE + w * CTC)`, both summed, per scored token. The
     cross-entropy is computed from the final hidden states a chunk of positions at a time
-    (`chunked_cross_entropy`): no [T, V] logits."""
+    (`linear_cross_entropy`): no [T, V] logits."""
     device = next(model.parameters()).device
     module = getattr(model, "module", model)  # model may be wrapped (DDP)
     micro = [{"input_ids": b.input_ids.to(device), "cu_seqlens": b.cu_seqlens.to(device),
@@ -107,9 +107,8 @@ def sft_step(model, batches: list[Batch], ctc: JointCTC | None = None) -> dict:
         hidden, (log_probs, counts) = output if ctc else (output, (None, None))
         weight = module.output_weight()
         shard = vocab_shard(weight.shape[0])
-        losses = chunked_cross_entropy(hidden[:, 0], weight, mb["labels"], shard.start,
-                                       shard.group)
-        ce = (losses * mb["mask"]).sum()
+        ce = linear_cross_entropy(hidden[:, 0], weight, mb["labels"], mb["mask"], shard.start,
+                                  shard.group)
         loss, report = ce, {"ce": ce.detach()}
         if ctc:
             report["ctc"] = ctc.loss_sum(log_probs, counts, mb["texts"])
