@@ -11,7 +11,7 @@ import pytest
 sf = pytest.importorskip("soundfile")
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "unlabelled")
 FIELDS = {"audio": str, "text": str, "task": str, "begin_time": int, "end_time": int, "language": str}
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -60,6 +60,7 @@ def test_splits_and_languages(manifests):
         langs = {r["language"] for r in manifests[split]}
         assert langs == {"en", "zh"}, (split, langs)
     assert not set(texts["heldout"]) & set(texts["train"]), "held-out text in train"
+    assert not set(texts["heldout"]) & set(texts["unlabelled"]), "held-out text in unlabelled"
     assert len(manifests["train"]) >= 2000 and len(manifests["heldout"]) >= 200
     for rows in manifests.values():  # languages alternate through the manifest
         first_half = [r["language"] for r in rows[: len(rows) // 2]]
@@ -72,6 +73,11 @@ def test_splits_and_languages(manifests):
                 assert r["text"].isascii() and not CJK.search(r["text"]), r
 
 
+def test_opd_audio_is_train_then_unlabelled(manifests):
+    """The demo's OPD stages read train's and unlabelled's audio (examples/configs/demo.yaml)."""
+    assert load("opd_audio") == manifests["train"] + manifests["unlabelled"]
+
+
 def test_folder_size():
     examples = os.path.dirname(DATA)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(examples) for f in fs)
@@ -79,7 +85,7 @@ def test_folder_size():
     assert os.path.isfile(os.path.join(DATA, "README.md"))
 
 
-def generate(out, seed, count=12, heldout=4, *extra):
+def generate(out, seed, count=12, heldout=4, *extra, splits=("train", "heldout")):
     import subprocess
     import sys
 
@@ -88,7 +94,7 @@ def generate(out, seed, count=12, heldout=4, *extra):
                     "--heldout", str(heldout), "--out", str(out), *extra], check=True,
                    capture_output=True)
     return {split: [json.loads(line) for line in open(out / f"{split}.jsonl", encoding="utf-8")]
-            for split in SPLITS}
+            for split in splits}
 
 
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
@@ -99,7 +105,24 @@ def test_generator_is_deterministic_for_a_seed(tmp_path):
         x, _ = sf.read(tmp_path / "a" / r["audio"])
         y, _ = sf.read(tmp_path / "b" / r["audio"])
         assert (x == y).all(), r["audio"]
-    other = generate(tmp_path / "c", 6, 12, 12, "--exclude", str(tmp_path / "a" / "train.jsonl"))
+    other = generate(tmp_path / "c", 6, 12, 12, "--exclude", str(tmp_path / "a" / "train.jsonl"),
+                     splits=("heldout",))  # all held out: no train manifest is written
     texts = {r["text"] for r in other["heldout"]}
     assert texts != {r["text"] for r in a["heldout"]}  # a fresh sample
     assert not texts & {r["text"] for r in a["train"]}  # and none of the excluded texts
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_generator_writes_a_named_split_at_a_lower_bitrate(tmp_path):
+    """`--heldout 0 --split unlabelled` adds that split to a folder and leaves its held-out
+    manifest alone; `--opus-level` lowers the bitrate of the same speech."""
+    base = generate(tmp_path, 5)
+    (extra,) = generate(tmp_path, 8, 8, 0, "--split", "unlabelled", "--opus-level", "0.97",
+                        splits=("unlabelled",)).values()
+    assert len(extra) == 8 and all(r["audio"].startswith("audio/unlabelled/") for r in extra)
+    with open(tmp_path / "heldout.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == base["heldout"]
+    low = tmp_path / "low"
+    generate(low, 5, 12, 4, "--opus-level", "0.97")
+    size = sum(os.path.getsize(tmp_path / r["audio"]) for r in base["train"])
+    assert sum(os.path.getsize(low / r["audio"]) for r in base["train"]) < 0.8 * size

@@ -4,12 +4,16 @@ English and Mandarin by espeak-ng with many voices, variants, speeds and pitches
     python tools/make_demo_data.py --seed 1234 --count 2600 --heldout 200 --out examples/data
     python tools/make_demo_data.py --seed 7 --count 200 --heldout 200 --out /tmp/fresh \\
         --exclude examples/data/train.jsonl        # a fresh held-out set: another sample
+    python tools/make_demo_data.py --seed 99 --count 2000 --heldout 0 --split unlabelled \\
+        --opus-level 0.97 --out examples/data --exclude ...   # more audio for OPD (demo.yaml)
 
 A closed vocabulary that small models can generalise over from minutes of speech: held-out
 utterances are word sequences that occur nowhere in train (nor in `--exclude`'s manifests).
 The output is deterministic for a seed; another seed draws a fresh sample of the same
 distribution. Languages alternate. Audio: 16 kHz mono OGG/Opus, silence trimmed to 0.1 s,
-peak-normalised. Needs espeak-ng (`apt-get install espeak-ng`).
+peak-normalised, at libsndfile's default Opus bitrate (about 30 kbps here) or at
+`--opus-level` (libsndfile's compression level: 0.97 is about 16 kbps). Needs espeak-ng
+(`apt-get install espeak-ng`).
 """
 
 from __future__ import annotations
@@ -149,7 +153,8 @@ def draw_texts(seed: int, count: int, exclude: set[str]) -> list[tuple[str, str]
 
 
 # -------------------------------------------------------------------------------- synthesis
-def render(text: str, lang: str, rng: random.Random, dst: str, tmpdir: str) -> None:
+def render(text: str, lang: str, rng: random.Random, dst: str, tmpdir: str,
+           opus_level: float | None = None) -> None:
     """Speak `text` with a random voice into dst (OGG/Opus, 16 kHz)."""
     import soundfile as sf
     from scipy.signal import resample_poly
@@ -168,7 +173,8 @@ def render(text: str, lang: str, rng: random.Random, dst: str, tmpdir: str) -> N
     pad = SAMPLE_RATE // 10  # keep 0.1 s of silence on each side
     audio = audio[max(0, loud[0] - pad): loud[-1] + pad]
     audio *= 0.89 / np.abs(audio).max()  # -1 dBFS
-    sf.write(dst, audio, SAMPLE_RATE, format="OGG", subtype="OPUS")
+    level = {} if opus_level is None else {"compression_level": opus_level}
+    sf.write(dst, audio, SAMPLE_RATE, format="OGG", subtype="OPUS", **level)
 
 
 def texts_of(manifests: list[str]) -> set[str]:
@@ -186,10 +192,16 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=200, help="of which held out (train: the rest)")
     ap.add_argument("--out", default="examples/data")
     ap.add_argument("--exclude", nargs="*", default=[], help="manifests whose texts are not drawn")
+    ap.add_argument("--split", default="train",
+                    help="name of the split the utterances not held out are written as")
+    ap.add_argument("--opus-level", type=float, default=None,
+                    help="Opus compression level 0-1 (higher: lower bitrate); default libsndfile's")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     if shutil.which("espeak-ng") is None:
         sys.exit("error: espeak-ng not found; apt-get install espeak-ng")
+    if args.split == "heldout":
+        sys.exit("error: --split names the split that is not held out; choose another name")
     if not 0 <= args.heldout <= args.count:
         sys.exit(f"error: --heldout {args.heldout} must be within --count {args.count}")
     drawn = draw_texts(args.seed, args.count, texts_of(args.exclude))
@@ -197,14 +209,16 @@ def main() -> int:
     random.Random(args.seed + 1).shuffle(order)
     held = set(order[: args.heldout])
     splits = {"heldout": [drawn[i] for i in sorted(held)],
-              "train": [drawn[i] for i in range(len(drawn)) if i not in held]}
+              args.split: [drawn[i] for i in range(len(drawn)) if i not in held]}
     with tempfile.TemporaryDirectory() as tmpdir, ThreadPoolExecutor(args.workers) as pool:
         for split, items in splits.items():
+            if not items:  # no empty manifest: --heldout 0 leaves a folder's held-out one as it is
+                continue
             folder = os.path.join(args.out, "audio", split)
             os.makedirs(folder, exist_ok=True)
             names = [f"{split}_{i:05d}_{lang}.ogg" for i, (lang, _) in enumerate(items)]
             jobs = [pool.submit(render, text, lang, random.Random(f"{args.seed}|{split}|{i}"),
-                                os.path.join(folder, name), tmpdir)
+                                os.path.join(folder, name), tmpdir, args.opus_level)
                     for i, ((lang, text), name) in enumerate(zip(items, names))]
             with open(os.path.join(args.out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
                 for n, ((lang, text), name, job) in enumerate(zip(items, names, jobs), 1):
