@@ -34,6 +34,22 @@ def test_kv_cache_generation_equals_full_recomputation(single_rank):
     assert len({tuple(t) for t in out.tokens}) > 1
 
 
+def test_prefill_forms_logits_at_the_last_position_only(single_rank):
+    """The rollout's prefill runs the output layer on [1, b, h], not on every prompt position
+    (at 64 utterances of 30 s that would be [~830, 64, V]: 8.2 GiB at Qwen's vocabulary)."""
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0).eval()
+    b = batch(sp)
+    prompts = [sp.build(f.shape[-1]).input_ids for f in b.audio_features]
+    shapes, logits = [], student.logits
+    student.logits = lambda hidden: shapes.append(tuple(hidden.shape)) or logits(hidden)
+    generate(student, prompts, b.audio_features, sp.stop_id,
+             GenerationConfig(max_new_tokens=3, top_k=4))
+    width = max(len(p) for p in prompts)
+    assert width > 1 and shapes  # a real prefill, then decoding steps
+    assert all(shape[:2] == (1, len(prompts)) for shape in shapes), shapes
+
+
 @pytest.mark.parametrize("tau,divergence,beta", [(1.0, "forward_kl", 0), (2.0, "forward_kl", 0),
                                                  (1.0, "reverse_kl", 0), (2.0, "jsd", 0.3)])
 def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau, divergence, beta):

@@ -63,5 +63,8 @@ def test_memory_benchmark_script_runs(tmp_path):
     assert full["total_mib_per_token"] < none["total_mib_per_token"]
     subprocess.run([sys.executable, "tools/bench_memory.py", "--smoke", "--transients", "--out",
                     str(out)], check=True, capture_output=True, cwd=root)
-    largest = json.loads(out.read_text())["sft_step"]["largest"]
+    found = json.loads(out.read_text())["transients"]
+    largest = found["largest"]
     assert largest and largest[0]["mib"] >= largest[-1]["mib"] > 0
+    rollout = found["rollout"]  # prefill's logits at the last position only: b rows of V
+    assert rollout["largest_logits"][0]["shape"][0] == rollout["utterances"]

@@ -4,6 +4,7 @@
                                                       # each recompute setting
     python tools/bench_memory.py --budget examples/configs/ark_asr_opd.yaml --dp 8 --gpu-gib 80
     python tools/bench_memory.py --transients         # the largest tensors of one SFT step
+                                                      # and of a rollout
     python tools/bench_memory.py --smoke              # tiny model: checks the script runs
 
 One forward of the student on a packed utterance (audio placeholders + prompt + 64 answer
@@ -17,7 +18,8 @@ device, so the CPU measures them; nothing here times anything.
 
 `--transients`: the largest tensors any op makes during one SFT step (forward and backward,
 `opd.steps.sft_step`) on the same utterance, with their shapes: those with a token dimension
-grow with `data.max_tokens` (the figure per token says by how much).
+grow with `data.max_tokens` (the figure per token says by how much); and the largest
+logits of a rollout (`opd.generate`) of two copies of it.
 
 `--budget CONFIG`: the per-GPU memory of that run config's OPD step on one GPU of `--dp`
 data-parallel ranks (TP = PP = 1), from the parameter counts of its presets and the measured
@@ -100,28 +102,56 @@ def measure(preset: str, recompute: str, seconds: float, text_tokens: int, k: in
     return out
 
 
+class Largest:
+    """Every op output's storage while active (`with Largest() as made:`), each counted once:
+    (op, shape, dtype, bytes) of its first maker; `params`' storages (views of the weights,
+    such as a transposed output layer) are not counted."""
+
+    def __init__(self, params=()):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        made, params = {}, self.params
+        self.made = made
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(t, torch.Tensor):  # views share their base's storage: once
+                        storage = t.untyped_storage()
+                        if storage.data_ptr() in params:
+                            continue
+                        made.setdefault((storage.data_ptr(), storage.nbytes()), (
+                            func.overloadpacket.__name__, list(t.shape), str(t.dtype),
+                            storage.nbytes()))
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def top(self, n: int, where=lambda shape: True) -> list[dict]:
+        made = sorted((m for m in self.made.values() if where(m[1])), key=lambda m: -m[3])
+        return [{"op": op, "shape": shape, "dtype": dt, "mib": b / 2**20}
+                for op, shape, dt, b in made[:n]]
+
+
 def transients(preset: str, seconds: float, text_tokens: int, dtype: torch.dtype, tiny: bool,
-               top: int = 6) -> dict:
-    """The `top` largest op outputs of one SFT step (forward + backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+               top: int = 6, rollouts: int = 2) -> dict:
+    """The `top` largest op outputs of one SFT step (forward + backward), and the largest
+    vocabulary-wide tensors (logits) of a rollout (prefill and 4 decoding steps) of `rollouts`
+    copies of the utterance: prefill's output layer runs at the last position only, so they
+    hold `rollouts` rows of V and grow with the batch, not with the prompt."""
+    from ark_mega.config import GenerationConfig
     from ark_mega.data import Collator
+    from ark_mega.opd.generate import generate
     from ark_mega.opd.steps import sft_step
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.made = {}  # (address, bytes) -> (op, shape, dtype, bytes) of its first maker
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):  # views share their base's storage: once
-                    storage = t.untyped_storage()
-                    self.made.setdefault((storage.data_ptr(), storage.nbytes()), (
-                        func.overloadpacket.__name__, list(t.shape), str(t.dtype),
-                        storage.nbytes()))
-            return out
 
     model, prompts = random_model(preset, toy_tokenizer(), dtype, torch.device("cpu"), tiny,
                                   transformer_impl="local")
@@ -131,14 +161,16 @@ def transients(preset: str, seconds: float, text_tokens: int, dtype: torch.dtype
     text = " ".join(["seven"] * text_tokens)
     feats = [torch.randn(cfg.encoder.num_mel_bins, frames, generator=gen).to(dtype)]
     batch = Collator(prompts).batch([prompts.build(frames, text, "en")], feats, ["u"], [text])
-    mode = Largest()
-    with mode:
+    with Largest() as sft:
         sft_step(model, [batch])
-    tokens = batch.num_tokens
-    biggest = sorted(mode.made.values(), key=lambda m: -m[3])[:top]
-    return {"decoder_tokens": tokens,
-            "largest": [{"op": op, "shape": shape, "dtype": dt, "mib": b / 2**20}
-                        for op, shape, dt, b in biggest]}
+    prompt = prompts.build(frames).input_ids
+    with Largest(model.parameters()) as rollout, torch.no_grad():
+        generate(model, [prompt] * rollouts, feats * rollouts, prompts.stop_id,
+                 GenerationConfig(max_new_tokens=4, top_k=8))
+    vocab = cfg.decoder.vocab_size
+    return {"decoder_tokens": batch.num_tokens, "largest": sft.top(top),
+            "rollout": {"utterances": rollouts, "prompt_tokens": len(prompt),
+                        "largest_logits": rollout.top(3, lambda s: s[-1:] == [vocab])}}
 
 
 def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: int) -> dict:
@@ -190,7 +222,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--recompute", nargs="*", default=["none", "selective", "full"])
     ap.add_argument("--transients", action="store_true",
-                    help="the largest tensors of one SFT step instead")
+                    help="the largest tensors of one SFT step and of a rollout instead")
     ap.add_argument("--budget", help="a run config: its per-GPU memory budget instead")
     ap.add_argument("--dp", type=int, default=8, help="with --budget: data-parallel ranks")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="with --budget: GPU memory")
@@ -205,7 +237,7 @@ def main() -> int:
               "setup": {"preset": args.preset, "seconds": args.seconds,
                         "text_tokens": args.text_tokens, "k": args.k, "dtype": str(dtype)}}
     if args.transients:
-        result["sft_step"] = transients(args.preset, args.seconds, args.text_tokens, dtype,
+        result["transients"] = transients(args.preset, args.seconds, args.text_tokens, dtype,
                                         args.smoke)
         report(result, args.out)
         return 0
