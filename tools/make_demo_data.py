@@ -11,9 +11,9 @@ A closed vocabulary that small models can generalise over from minutes of speech
 utterances are word sequences that occur nowhere in train (nor in `--exclude`'s manifests).
 The output is deterministic for a seed; another seed draws a fresh sample of the same
 distribution. Languages alternate. Audio: 16 kHz mono OGG/Opus, silence trimmed to 0.1 s,
-peak-normalised, at libsndfile's default Opus bitrate (about 30 kbps here) or at
-`--opus-level` (libsndfile's compression level: 0.97 is about 16 kbps). Needs espeak-ng
-(`apt-get install espeak-ng`).
+peak-normalised, at libsndfile's default Opus bitrate (about 30 kbit/s here) or at
+`--opus-level` (libsndfile's compression level: 0.97 gave about 18 kbit/s on the demo corpus).
+Needs espeak-ng (`apt-get install espeak-ng`).
 """
 
 from __future__ import annotations
