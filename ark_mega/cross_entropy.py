@@ -10,8 +10,9 @@ float32 weight gradient ([V/tp, H]) ever exists. Backward only scales the stored
 the incoming one, so the loss is a weighted sum over positions (the weights known up front).
 
 With tensor parallelism each rank holds the vocabulary rows [vocab_start, vocab_start + V/tp):
-a chunk's logsumexps and target logits are combined over the group, and the hidden-state
-gradient is summed over it like any column-parallel layer's input.
+a chunk's logsumexps (`logsumexp_across`, as for the teacher's top-k) and target logits are
+combined over the group, and the hidden-state gradient is summed over it like any
+column-parallel layer's input.
 """
 
 from __future__ import annotations
@@ -20,22 +21,13 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
+from .kernels.teacher_topk import logsumexp_across
+
 CHUNK_BYTES = 1 << 28  # float32 logits of one chunk: 256 MiB, 441 positions at V = 151,936
 
 
 def chunk_rows(v_local: int) -> int:
     return max(1, CHUNK_BYTES // (4 * v_local))
-
-
-def _combine(lse: torch.Tensor, target: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logsumexp over the whole vocabulary from each rank's over its shard (max first, so the
-    sum of exponentials cannot overflow), and the target logit from the rank that owns it."""
-    top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    total = (lse - top).exp()
-    dist.all_reduce(total, group=group)
-    dist.all_reduce(target, group=group)
-    return top + total.log(), target
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -54,8 +46,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = (h @ weight.t()).float()
             lse = torch.logsumexp(z, dim=-1)
             target = z.gather(1, local[part, None])[:, 0].where(owned[part], 0.0)
-            if group is not None:
-                lse, target = _combine(lse, target, group)
+            if group is not None:  # the target logit comes from the rank that owns it
+                lse = logsumexp_across(lse, group)
+                dist.all_reduce(target, group=group)
             w = weights[part].float()
             total += ((lse - target) * w).sum()
             if want_h or want_w:

@@ -103,6 +103,13 @@ def _top_of(vals, ids, k):
     return top, ids.gather(1, pick)
 
 
+def logsumexp_across(lse: torch.Tensor, group) -> torch.Tensor:
+    """Row logsumexps over the whole vocabulary from each rank's over its shard [N]."""
+    parts = [torch.empty_like(lse) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, lse, group=group)
+    return torch.logsumexp(torch.stack(parts), dim=0)
+
+
 def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None = None,
                  hidden: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                  vocab_start: int = 0, tp_group=None, blocked: torch.Tensor | None = None,
@@ -131,14 +138,12 @@ def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None 
 
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         size = dist.get_world_size(tp_group)
-        lses = [torch.empty_like(run.lse) for _ in range(size)]
         vals = [torch.empty_like(run.vals) for _ in range(size)]
         ids = [torch.empty_like(run.ids) for _ in range(size)]
-        dist.all_gather(lses, run.lse, group=tp_group)
         dist.all_gather(vals, run.vals, group=tp_group)
         dist.all_gather(ids, run.ids, group=tp_group)
         dist.all_reduce(run.at, group=tp_group)
-        run.lse = torch.logsumexp(torch.stack(lses), dim=0)
+        run.lse = logsumexp_across(run.lse, tp_group)
         run.vals, run.ids = _top_of(torch.cat(vals, 1), torch.cat(ids, 1), k)
         v_total = v_local * size
     else:
