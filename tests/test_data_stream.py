@@ -11,6 +11,7 @@ import soundfile as sf
 
 from ark_mega.config import load_config
 from ark_mega.data import Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder, SkippedCuts
+from ark_mega.data.manifests import in_subset
 from ark_mega.data.stream import ManifestStream, SkipLedger
 from test_data_manifests import tone
 from test_data_pipeline import tokenizer  # noqa: F401 (fixture)
@@ -190,6 +191,21 @@ def test_a_member_listed_twice_gives_a_cut_per_segment(tmp_path):
     cuts = list(ManifestStream(manifests, LoadPolicy(), tarred_audio=tars))
     assert [round(c.duration, 2) for c in cuts[:2]] == [0.4, 0.3] and len(cuts) == 3
     assert len({c.id for c in cuts}) == 3
+
+
+def test_a_tarred_subset_keeps_the_records_of_its_indices(tmp_path):
+    """`data.subset` numbers a tarred set's records in tar order, members listed twice and
+    members missing from the tar included, as for any manifest."""
+    manifests, tars = nemo_tarred_set(tmp_path)
+    path = tmp_path / "manifest_0.json"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [dict(rows[0], offset=0.0, duration=0.4), dict(rows[0], offset=0.4, duration=0.3)] + rows[1:]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    full = ManifestStream(manifests, LoadPolicy(skip_bad=True), tarred_audio=tars)
+    every = [c.id for c in full] + [f"missing:{line}" for _, line in full.read_errors]
+    half = ManifestStream(manifests, LoadPolicy(skip_bad=True), 0.5, tarred_audio=tars)
+    kept = [c.id for c in half] + [f"missing:{line}" for _, line in half.read_errors]
+    assert len(every) == 10 and kept == [every[i] for i in range(10) if in_subset(i, 0.5)]
 
 
 def test_nemo_tarred_reader_agrees_with_nemos_own(tmp_path):

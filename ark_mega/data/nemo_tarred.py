@@ -84,11 +84,15 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                 records = entries.pop(member.name, None)
                 if records is None or not member.isfile():
                     continue
-                data = stream.extractfile(member).read()
-                for n, (line, obj) in enumerate(records):
+                kept = []
+                for n, record in enumerate(records):
                     index += 1
-                    if keep is not None and not keep(index - 1):
-                        continue
+                    if keep is None or keep(index - 1):
+                        kept.append((n, *record))
+                if not kept:  # the stream skips the member's bytes unread
+                    continue
+                data = stream.extractfile(member).read()
+                for n, line, obj in kept:
                     cut_id = f"{os.path.basename(tar)}:{member.name}" + (f":{n}" if n else "")
                     try:
                         yield line, _tarred_cut(checks, line, obj, data, cut_id)
