@@ -59,7 +59,7 @@ class LazyTensors(Mapping):
                 with _opened(os.path.join(folder, name)) as f:
                     self.where.update({k: os.path.join(folder, name) for k in f.keys()})
         self.stored = {memory_name(layout, k): k for k in self.where}
-        self.where = {memory_name(layout, k): v for k, v in self.where.items()}
+        self.where = {name: self.where[k] for name, k in self.stored.items()}
         self._open = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -292,22 +292,22 @@ class OPDStep:
         """Teacher-force the answers; return the union support (last stage), the mismatch rate
         and the teacher's input (sequences, scored positions)."""
         seqs, positions, aligned = [], [], []
+        student, teacher = self.student_prompts, self.teacher_prompts
         for i in keep:
-            stop = answers[i][-1] == self.student_prompts.stop_id
+            stop = answers[i][-1] == student.stop_id
             words = answers[i][:-1] if stop else answers[i]
-            text = self.student_prompts.tokenizer.decode(words)
-            teacher = self.teacher_prompts
+            text = student.tokenizer.decode(words)
             prefix = (teacher.build(frames[i]).input_ids
                       + teacher.answer_prefix(infer_language(text)))
             if self.map.identity:
                 body = list(words)
                 index = list(range(len(words)))
             else:  # re-tokenise by the teacher; align token starts in the UTF-8 bytes
-                body = self.teacher_prompts.tokenizer.encode(text, add_special_tokens=False).ids
-                index = align_by_characters(byte_spans(self.student_prompts.tokenizer, words),
-                                            byte_spans(self.teacher_prompts.tokenizer, body))
+                body = teacher.tokenizer.encode(text, add_special_tokens=False).ids
+                index = align_by_characters(byte_spans(student.tokenizer, words),
+                                            byte_spans(teacher.tokenizer, body))
             if stop:
-                body = body + [self.teacher_prompts.stop_id]
+                body = body + [teacher.stop_id]
                 index = index + [len(body) - 1]
             seqs.append(prefix + body)
             positions.append([len(prefix) - 1 + (j if j >= 0 else 0) for j in index])
