@@ -91,6 +91,9 @@ class GenerationConfig:
     # opd.top_k; None there), and the sampling pool
     top_k: int | None = None
     seed: int = 0
+    # replay each decoding step as one CUDA graph (on a GPU): the step's ~1,300 kernel launches
+    # through Python become one
+    cuda_graph: bool = True
 
 
 @dataclass

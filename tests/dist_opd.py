@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/dist_opd.py --tp 2 --pp 1 [--save DIR]
 
 Checks a finite loss, finite non-zero gradients on the student, and an untouched teacher.
-With --save (TP = 2): saves the student after the step and its full-vocabulary logits on a
-fixed input, for tests/test_trainer.py to load at TP = 1.
+With --save: saves the student after the step, and the teacher, (its weights are unchanged: no optimizer step)
+and, at PP = 1, its full-vocabulary logits on a fixed input, for tests/test_trainer.py to load
+at TP = PP = 1.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def main() -> int:
         ok &= math.isfinite(metrics["loss"]) and metrics["positions"] > 0
     if args.save:
         checkpoint.save(args.save, 1, student)
-        logits = fixed_logits(student) if last else None
-        if last and ps.get_tensor_model_parallel_rank() == 0:
-            torch.save(logits, os.path.join(args.save, "logits.pt"))
+        checkpoint.save(os.path.join(args.save, "teacher"), 1, teacher)
+        if args.pp == 1:  # the fixed input runs on a single stage
+            logits = fixed_logits(student) if last else None
+            if last and ps.get_tensor_model_parallel_rank() == 0:
+                torch.save(logits, os.path.join(args.save, "logits.pt"))
     if last and ps.get_tensor_model_parallel_rank() == 0:
         print(json.dumps({"tp": args.tp, "pp": args.pp, "ok": bool(ok),
                           **{k: v for k, v in metrics.items() if not k.startswith("time")}}),

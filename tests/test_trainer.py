@@ -39,9 +39,19 @@ def test_opd_step_at_tp2_equals_tp1_and_its_checkpoint_loads_at_tp1(single_rank,
     assert (logits - saved).abs().max() <= 1e-5 * saved.abs().max()
 
 
-def test_opd_step_at_pp2():
-    (record,) = torchrun("dist_opd.py", "--pp", "2")
+def test_opd_step_at_pp2_equals_pp1(single_rank, tmp_path):
+    """Rollouts decoded across two pipeline stages (hidden states sent stage to stage at every
+    step) give the single-stage step's loss on the same weights (the PP = 2 checkpoint)."""
+    (record,) = torchrun("dist_opd.py", "--pp", "2", "--save", str(tmp_path))
     assert record["ok"] and record["positions"] > 0, record
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=123)
+    checkpoint.load(str(tmp_path), student)
+    step, sp, teacher = opd_step(student)
+    checkpoint.load(str(tmp_path / "teacher"), teacher)  # PP = 2 initialises stages apart
+    metrics = step([batch(sp)])
+    assert metrics["loss"] == pytest.approx(record["loss"], rel=1e-4)
+    assert metrics["positions"] == record["positions"]
 
 
 def small_manifest(tmp_path, n, split="train"):

@@ -8,7 +8,9 @@ Each decoding step reads every decoder weight once (the output layer included), 
 shorter than decoder weight bytes / memory bandwidth: with the bandwidth of a device-to-device
 copy measured in the same run, the floor is batch / that time, in tokens per second. The stop
 token is blocked so that every row decodes all its tokens. Reported: prefill time (encoder,
-prompt, first token), decode tokens/s over the remaining steps, and their fraction of the floor.
+prompt, first token), decode tokens/s over the remaining steps, and their fraction of the floor;
+on a GPU with the decoding step replayed as a CUDA graph (the default) and, as the same run's
+baseline, without.
 """
 
 from __future__ import annotations
@@ -57,20 +59,24 @@ def main() -> int:
     blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size).to(dev)
     blocked[prompts.stop_id] = True
 
-    def run(new_tokens: int) -> float:
+    def run(new_tokens: int, cuda_graph: bool = True) -> float:
         sync(dev)
         t0 = time.perf_counter()
         out = generate(model, ids, feats, prompts.stop_id,
-                       GenerationConfig(max_new_tokens=new_tokens, top_k=8), blocked)
+                       GenerationConfig(max_new_tokens=new_tokens, top_k=8,
+                                        cuda_graph=cuda_graph), blocked)
         sync(dev)
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
         return time.perf_counter() - t0
 
-    run(2)  # warm-up: kernels compiled, allocator primed
+    def decode_tokens_per_s(cuda_graph: bool) -> float:
+        decode_s = max(run(args.new_tokens, cuda_graph) - prefill_s, 1e-9)
+        return args.batch * (args.new_tokens - 1) / decode_s
+
+    run(3)  # warm-up: kernels compiled, allocator primed, a graph captured
     prefill_s = run(1)
-    total_s = run(args.new_tokens)
-    decode_s = max(total_s - prefill_s, 1e-9)
-    tokens_per_s = args.batch * (args.new_tokens - 1) / decode_s
+    tokens_per_s = decode_tokens_per_s(True)
+    eager = decode_tokens_per_s(False) if dev.type == "cuda" else None
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
     floor = args.batch * bandwidth / weights
@@ -80,8 +86,9 @@ def main() -> int:
         "setup": {"preset": args.preset, "batch": args.batch, "seconds": args.seconds,
                   "new_tokens": args.new_tokens, "dtype": str(dtype),
                   "layers": model.transformer_impl},
-        "prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": tokens_per_s,
-        "decode_ms_per_step": 1e3 * decode_s / (args.new_tokens - 1),
+        "prefill_s": prefill_s, "decode_tokens_per_s": tokens_per_s,
+        "decode_ms_per_step": 1e3 * args.batch / tokens_per_s,
+        "cuda_graph": dev.type == "cuda", "eager_decode_tokens_per_s": eager,
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
         "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
     }

@@ -1,9 +1,10 @@
 """Batched autoregressive generation with a KV cache, inside our megatron model.
 
 Prompts are left-padded to one length, so every row writes its next token at the same cache
-position (megatron's static KV cache); padded keys are masked out, and since RoPE scores depend
-only on relative positions the shift changes nothing. Each step runs the pipeline stages in
-turn (activations sent stage to stage), the last stage picks the next tokens from the
+position; padded keys are masked out, and since RoPE scores depend only on relative positions
+the shift changes nothing. The prompt is prefilled by the model's forward with megatron's static
+KV cache; the steps after it run `DecodeStep` on that cache (one CUDA graph replay per step on a
+GPU). Each step runs the pipeline stages in turn (activations sent stage to stage), the last stage picks the next tokens from the
 vocab-parallel logits (blocked ids removed; greedy, or sampling with temperature / top-p among
 the top-k), and broadcasts them to every stage. The student's top-k ids at every generated
 position are kept for the OPD union.
@@ -22,6 +23,7 @@ from ..config import GenerationConfig
 from ..distributed import vocab_shard
 from ..kernels import teacher_topk
 from ..models.audio_lm import AudioLM
+from ..models.decode_step import DecodeStep
 
 
 @dataclass
@@ -62,8 +64,8 @@ def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationCon
     top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=shard.start,
                        blocked=None if blocked is None else shard.local(blocked),
                        tp_group=shard.group)
-    if cfg.greedy:
-        return top.ids[:, 0], top.ids
+    if cfg.greedy:  # contiguous: the tokens are broadcast to the other pipeline stages
+        return top.ids[:, 0].contiguous(), top.ids
     probs = torch.softmax(top.logprobs / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         before = probs.cumsum(-1) - probs
@@ -99,36 +101,54 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     last = ps.is_pipeline_last_stage()
     pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
 
+    out = _stage_step(model, ids, audio_features, prefill_mask, context, hidden_size, dtype)
+    logits = out[-1] if last else None
+    decode = None
     tokens = [[] for _ in range(b)]
-    topk = [[] for _ in range(b)] if last else None
+    step_topk = []  # [b, k] per step (last stage)
     done_host = [False] * b
-    step_ids, step_audio, mask = ids, audio_features, prefill_mask
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     steps = 0
     for steps in range(1, cfg.max_new_tokens + 1):
-        logits = _stage_step(model, step_ids, step_audio, mask, context, hidden_size, dtype)
-        context.sequence_len_offset += step_ids.shape[1]
         nxt = torch.empty(b, dtype=torch.long, device=device)
         if last:
-            nxt, top = _pick(logits[-1], blocked, cfg, gen)
+            nxt, top = _pick(logits, blocked, cfg, gen)
+            step_topk.append(top)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=pp_last_rank, group=ps.get_pipeline_model_parallel_group())
         picked = nxt.tolist()  # the step's one device-to-host copy
         for i in range(b):
             if not done_host[i]:
-                if last:
-                    topk[i].append(top[i])
                 if picked[i] == stop_id:
                     done_host[i] = True
                 else:
                     tokens[i].append(picked[i])
-        if all(done_host):
+        if all(done_host) or steps == cfg.max_new_tokens:
             break
-        done = torch.tensor(done_host, device=device)
-        pos = context.sequence_len_offset
-        step_ids = torch.where(done, torch.full_like(nxt, pad_id), nxt)[:, None]
-        step_audio = None
-        mask = is_pad[:, None, None, : pos + 1]
+        if decode is None:
+            decode = DecodeStep(model, context, is_pad, width, cfg.cuda_graph)
+        done |= nxt == stop_id
+        step_ids = torch.where(done, pad_id, nxt)
+        logits = _decode_stage(decode, step_ids, hidden_size, dtype)
     model.train(was_training)
-    stacked = [torch.stack(t) if t else torch.empty(0, cfg.top_k, dtype=torch.long)
-               for t in topk] if last else None
-    return Rollout(tokens, done_host, stacked, steps)
+    topk = None
+    if last:  # row i was scored at its generated tokens and at its stop token, if any
+        stacked = torch.stack(step_topk)
+        topk = [stacked[:len(t) + stopped, i] for i, (t, stopped)
+                in enumerate(zip(tokens, done_host))]
+    return Rollout(tokens, done_host, topk, steps)
+
+
+def _decode_stage(decode: DecodeStep, step_ids: torch.Tensor, hidden_size: int, dtype):
+    """One decoding step of this pipeline stage: logits on the last stage, None elsewhere."""
+    if ps.is_pipeline_first_stage():
+        out = decode(step_ids)
+    else:
+        hidden = torch.empty(1, step_ids.shape[0], hidden_size, device=step_ids.device,
+                             dtype=dtype)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        out = decode(hidden)
+    if not ps.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    return out

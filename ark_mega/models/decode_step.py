@@ -1,0 +1,141 @@
+"""One decoding step of an AudioLM pipeline stage over a static KV cache, capturable as a CUDA
+graph.
+
+megatron's static inference path slices its KV cache with a Python offset and re-applies RoPE to
+every cached key at every step, so each step is a new sequence of ~1,300 kernel launches through
+Python (docs/benchmarks.md: decoding ran at 14% GPU utilisation). Here the write position is a
+device tensor and every shape is fixed for the whole rollout, so the step is one CUDA graph
+replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
+q/k norms, output projection, MLP, embedding, output layer) and does only the cache write, RoPE
+at the position and the attention itself. Keys are cached with RoPE applied, so a step rotates
+one key per layer, not the whole cache.
+
+Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
+and the positions not yet written are masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fp8_utils import get_fp8_context
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+
+class DecodeStep:
+    """Steps after the prefill. `context` is the prefill's megatron StaticInferenceContext: its
+    cache (keys before RoPE, [max_len, b, ng, hn] per layer) moves into this step's cache
+    ([b, ng, max_len, hn], keys rotated) and is released. `key_padded` [b, max_len] is True at
+    left-padding positions; `position` is where the first step's token goes (the prompt width).
+
+    On the first pipeline stage a step takes token ids [b]; on the others the previous stage's
+    hidden states [1, b, h]. On the last stage it returns logits [b, V/tp], elsewhere the hidden
+    states to send on. With `cuda_graph` on a CUDA device the first call runs eagerly and the
+    second captures the layers; every later call replays them. The token embedding stays outside
+    the graph: at TP > 1 megatron's vocab-parallel lookup masks by boolean indexing, which waits
+    for the GPU."""
+
+    def __init__(self, model, context, key_padded: torch.Tensor, position: int,
+                 cuda_graph: bool = False):
+        gpt = model.gpt
+        self.model, self.config = model, gpt.config
+        if self.config.sequence_parallel or self.config.context_parallel_size != 1:
+            raise ValueError("the decoding step does not support sequence or context parallelism")
+        self.layers = list(gpt.decoder.layers)
+        self.final_norm = gpt.decoder.final_layernorm if model.post_process else None
+        b, max_len = key_padded.shape
+        device = key_padded.device
+        self.freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
+        self.caches = [self._take_cache(context, layer.layer_number, position)
+                       for layer in self.layers]
+        self.key_padded = key_padded[:, None, None, :]  # [b, 1, 1, max_len]
+        self.key_positions = torch.arange(max_len, device=device)
+        self.position = torch.tensor([position], device=device)
+        self.input = torch.zeros(1, b, self.config.hidden_size, device=device,
+                                 dtype=self.config.params_dtype)
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.graph = self.output = None
+        self.calls = 0
+
+    def _take_cache(self, context, layer_number: int, filled: int):
+        keys, values = context.key_value_memory_dict.pop(layer_number)
+        freqs = self.freqs[:filled]
+        keys[:filled] = apply_rotary_pos_emb(keys[:filled], freqs, config=self.config)
+        # unwritten positions are zero, not stale memory: a masked score is -inf, but a NaN in
+        # a masked value would still reach the output through 0 * NaN
+        keys[filled:].zero_()
+        values[filled:].zero_()
+        return keys.permute(1, 2, 0, 3).contiguous(), values.permute(1, 2, 0, 3).contiguous()
+
+    @torch.no_grad()
+    def __call__(self, step_input: torch.Tensor) -> torch.Tensor:
+        if self.model.pre_process:
+            step_input = self.model.gpt.embedding(input_ids=step_input[:, None], position_ids=None)
+        self.input.copy_(step_input)
+        self.calls += 1
+        if not self.cuda_graph:
+            return self._forward()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        if self.calls == 1:  # warm-up: kernels and library workspaces chosen outside capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.output = self._forward()
+        except Exception as e:
+            raise RuntimeError(
+                f"capturing the decoding step as a CUDA graph failed ({e}); set "
+                f"opd.generation.cuda_graph: false to decode without graphs") from e
+        self.graph.replay()
+        return self.output
+
+    def _forward(self) -> torch.Tensor:
+        hidden = self.input
+        freqs = self.freqs.index_select(0, self.position)
+        blocked = self.key_padded | (self.key_positions > self.position)
+        with get_fp8_context(self.config) if self.config.fp8 else contextlib.nullcontext():
+            for layer, cache in zip(self.layers, self.caches):
+                hidden = self._layer(layer, hidden, cache, freqs, blocked)
+        self.position.add_(1)
+        if self.final_norm is None:
+            return hidden
+        hidden = self.final_norm(hidden)
+        return self.model.logits(hidden)[0]
+
+    def _layer(self, layer, hidden, cache, freqs, blocked):
+        attention = layer.self_attention
+        query, key, value = attention.get_query_key_value_tensors(
+            layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
+        query = apply_rotary_pos_emb(query, freqs, config=self.config)
+        key = apply_rotary_pos_emb(key, freqs, config=self.config)
+        keys, values = cache
+        keys.index_copy_(2, self.position, key.permute(1, 2, 0, 3))
+        values.index_copy_(2, self.position, value.permute(1, 2, 0, 3))
+        context = cached_attention(query, keys, values, blocked, self.config.softmax_scale)
+        out, bias = attention.linear_proj(context)
+        hidden = hidden + (out if bias is None else out + bias)
+        out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+        return hidden + (out if bias is None else out + bias)
+
+
+def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     blocked: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """One query per row against the cache: query [1, b, heads, hn], keys / values
+    [b, groups, max_len, hn], `blocked` [b, 1, 1, max_len] (True: masked) -> [1, b, heads * hn].
+
+    A group's query heads go to SDPA as that group's query positions, so the cache is read once
+    and never expanded to the query heads (as `enable_gqa` would on kernels without it)."""
+    _, b, heads, hn = query.shape
+    groups = keys.shape[1]
+    q = query[0].reshape(b, groups, heads // groups, hn)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=~blocked, scale=scale)
+    return out.reshape(1, b, heads * hn)
