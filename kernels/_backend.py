@@ -1,7 +1,8 @@
 """Which implementation an op runs: the Triton kernel or the PyTorch reference.
 
 "auto" takes the kernel on CUDA tensors and when Triton's interpreter is on
-(TRITON_INTERPRET=1, how the tests run the kernels on the CPU), the reference otherwise.
+(TRITON_INTERPRET=1, how the tests run the kernels on the CPU), the reference otherwise. And
+which launch configuration a kernel runs: `tuned`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -23,3 +25,29 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_TUNED = []  # every kernel made by `tuned`
+
+
+def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
+    """Autotune a kernel over `configs` on a GPU: Triton times each on first use, once per
+    distinct value of the `key` arguments. The interpreter has no timings to compare and runs
+    `interpreted`, small enough that the tests' small shapes cover every loop of the kernel."""
+    def wrap(fn):
+        kernel = triton.autotune(configs=[interpreted] if interpreting() else configs,
+                                 key=key)(fn)
+        _TUNED.append(kernel)
+        return kernel
+    return wrap
+
+
+def chosen_configs() -> dict[str, str]:
+    """The configuration each tuned kernel chose, per key it has run with (for benchmark
+    reports; empty under the interpreter, which does not tune)."""
+    return {f"{kernel.fn.__name__}{list(key)}": str(config)
+            for kernel in _TUNED for key, config in getattr(kernel, "cache", {}).items()}

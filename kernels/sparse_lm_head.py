@@ -23,7 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
 )
 
-from ._backend import next_pow2, use_triton
+from ._backend import next_pow2, tuned, use_triton
 
 
 def _local_ids(ids, vocab_start, v_local):
@@ -77,28 +77,35 @@ def _grad_hidden_kernel(g_ptr, w_ptr, ids_ptr, gh_ptr, u, hdim, vocab_start, v_l
         tl.store(gh_ptr + n * hdim + hs, tl.sum(g[:, None] * w, axis=0), mask=in_h)
 
 
+@tuned([triton.Config({"BLOCK_J": j, "BLOCK_H": h}, num_warps=w)
+        for j, h, w in ((8, 256, 4), (8, 512, 4), (16, 256, 4), (4, 512, 4), (8, 1024, 8),
+                        (16, 512, 8), (32, 128, 4), (32, 256, 8))],
+       key=["hdim"], interpreted=triton.Config({"BLOCK_J": 4, "BLOCK_H": 16}))
 @triton.jit
 def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, seg_ids_ptr, gw_ptr, u, hdim,
                         v_local, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (s, b): columns block b of the gradient row of segment s's id, the sum of
-    g[p] * hidden[p // u] over the segment's flat positions p (sorted by id)."""
+    """Program s: the gradient row of segment s's id, the sum of g[p] * hidden[p // u] over the
+    segment's flat positions p (sorted by id), BLOCK_H columns at a time. One program per
+    segment: with random ids most segments hold a few entries, and a grid over column blocks
+    too made ~1.2 M mostly-masked programs (docs/benchmarks.md, run 5)."""
     seg = tl.program_id(0)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_h = hs < hdim
     row = tl.load(seg_ids_ptr + seg)
     if row < v_local:  # the last segment may hold the entries this shard does not own
         start = tl.load(starts_ptr + seg)
         end = tl.load(starts_ptr + seg + 1)
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for j0 in range(start, end, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J)
-            in_j = js < end
-            p = tl.load(order_ptr + js, mask=in_j, other=0)
-            g = tl.load(g_ptr + p, mask=in_j, other=0.0).to(tl.float32)
-            h = tl.load(h_ptr + (p // u)[:, None] * hdim + hs[None, :],
-                        mask=in_j[:, None] & in_h[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(g[:, None] * h, axis=0)
-        tl.store(gw_ptr + row * hdim + hs, acc.to(gw_ptr.dtype.element_ty), mask=in_h)
+        for h0 in range(0, hdim, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            in_h = hs < hdim
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for j0 in range(start, end, BLOCK_J):
+                js = j0 + tl.arange(0, BLOCK_J)
+                in_j = js < end
+                p = tl.load(order_ptr + js, mask=in_j, other=0)
+                g = tl.load(g_ptr + p, mask=in_j, other=0.0).to(tl.float32)
+                h = tl.load(h_ptr + (p // u)[:, None] * hdim + hs[None, :],
+                            mask=in_j[:, None] & in_h[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(g[:, None] * h, axis=0)
+            tl.store(gw_ptr + row * hdim + hs, acc.to(gw_ptr.dtype.element_ty), mask=in_h)
 
 
 def _id_segments(ids, vocab_start: int, v_local: int):
@@ -143,10 +150,8 @@ class _SparseLogits(torch.autograd.Function):
                                   v_local, UP=up, BLOCK_H=block_h)
         grad_w = torch.zeros_like(weight)
         order, starts, seg_ids = _id_segments(ids, ctx.vocab_start, v_local)
-        block_h = min(128, next_pow2(hdim))
-        _grad_weight_kernel[(seg_ids.numel(), triton.cdiv(hdim, block_h))](
-            grad_out, hidden, order, starts, seg_ids, grad_w, u, hdim, v_local,
-            BLOCK_J=32, BLOCK_H=block_h)
+        _grad_weight_kernel[(seg_ids.numel(),)](grad_out, hidden, order, starts, seg_ids,
+                                                grad_w, u, hdim, v_local)
         return grad_h.to(hidden.dtype), grad_w, None, None
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import next_pow2, use_triton
+from ._backend import next_pow2, tuned, use_triton
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -55,6 +55,8 @@ def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0,
     return total / counted.sum().clamp(min=1) if reduction == "mean" else total
 
 
+@tuned([triton.Config({"BLOCK_N": n}, num_warps=w) for n in (8, 16, 32, 64) for w in (4, 8)],
+       key=["u"], interpreted=triton.Config({"BLOCK_N": 16}))
 @triton.jit
 def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_rows, u, inv_tau,
                      beta, UP: tl.constexpr, BLOCK_N: tl.constexpr, DIVERGENCE: tl.constexpr):
@@ -62,9 +64,11 @@ def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_r
     cols = tl.arange(0, UP)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < u)
     offs = rows[:, None] * u + cols[None, :]
+    # the three loads are independent (the scores are not masked by `valid`), so they are in
+    # flight together; invalid entries are discarded below by `ok`
     ok = (tl.load(valid_ptr + offs, mask=inside, other=0) != 0) & inside
-    s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32) * inv_tau
-    t = tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32) * inv_tau
+    s = tl.load(s_ptr + offs, mask=inside, other=0.0).to(tl.float32) * inv_tau
+    t = tl.load(t_ptr + offs, mask=inside, other=0.0).to(tl.float32) * inv_tau
     n_valid = tl.sum(ok.to(tl.int32), axis=1)
     counted = n_valid >= 2
     # Shift by the row maximum over valid entries; invalid entries are set to 0 after the
@@ -106,11 +110,9 @@ class _UnionKL(torch.autograd.Function):
         kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         counted = torch.empty(n, dtype=torch.int32, device=student_logits.device)
         grad = torch.empty(n, u, dtype=torch.float32, device=student_logits.device)
-        up = next_pow2(u)
-        block_n = max(1, min(64, 8192 // up))
-        _union_kl_kernel[(triton.cdiv(n, block_n),)](
+        _union_kl_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             student_logits.contiguous(), teacher_scores.contiguous(), valid.contiguous(), kl,
-            counted, grad, n, u, 1.0 / tau, beta, UP=up, BLOCK_N=block_n,
+            counted, grad, n, u, 1.0 / tau, beta, UP=next_pow2(u),
             DIVERGENCE=DIVERGENCES.index(divergence))
         count = counted.sum().clamp(min=1) if reduction == "mean" else kl.new_ones(())
         ctx.save_for_backward(grad, count)

@@ -135,6 +135,9 @@ def main() -> int:
     result["union_kl_gbps"] = kl_bytes / kl_ms / 1e6
     result["copy_gbps"] = copy_gbps(device, mib=1024 if device.type == "cuda" else 64)
     result["union_kl_fraction_of_copy"] = result["union_kl_gbps"] / result["copy_gbps"]
+    from ark_mega.kernels._backend import chosen_configs
+
+    result["tuned_configs"] = chosen_configs()
 
     report(result, args.out)
     if args.profile:  # the fused loss head, forward and backward
