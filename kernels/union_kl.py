@@ -55,7 +55,7 @@ def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0,
     return total / counted.sum().clamp(min=1) if reduction == "mean" else total
 
 
-@tuned([triton.Config({"BLOCK_N": n}, num_warps=w) for n in (8, 16, 32, 64) for w in (4, 8)],
+@tuned([triton.Config({"BLOCK_N": n}, num_warps=w) for n in (16, 32, 64) for w in (4, 8)],
        key=["u"], interpreted=triton.Config({"BLOCK_N": 16}))
 @triton.jit
 def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_rows, u, inv_tau,

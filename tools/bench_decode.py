@@ -59,6 +59,8 @@ def main() -> int:
     blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size).to(dev)
     blocked[prompts.stop_id] = True
 
+    graphed = []
+
     def run(new_tokens: int, cuda_graph: bool = True) -> float:
         sync(dev)
         t0 = time.perf_counter()
@@ -67,6 +69,7 @@ def main() -> int:
                                         cuda_graph=cuda_graph), blocked)
         sync(dev)
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
+        graphed.append(out.cuda_graph)
         return time.perf_counter() - t0
 
     def decode_tokens_per_s(cuda_graph: bool) -> float:
@@ -76,6 +79,7 @@ def main() -> int:
     run(3)  # warm-up: kernels compiled, allocator primed, a graph captured
     prefill_s = run(1)
     tokens_per_s = decode_tokens_per_s(True)
+    cuda_graph = graphed[-1]
     eager = decode_tokens_per_s(False) if dev.type == "cuda" else None
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
@@ -88,7 +92,7 @@ def main() -> int:
                   "layers": model.transformer_impl},
         "prefill_s": prefill_s, "decode_tokens_per_s": tokens_per_s,
         "decode_ms_per_step": 1e3 * args.batch / tokens_per_s,
-        "cuda_graph": dev.type == "cuda", "eager_decode_tokens_per_s": eager,
+        "cuda_graph": cuda_graph, "eager_decode_tokens_per_s": eager,
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
         "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
     }

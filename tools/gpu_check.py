@@ -11,7 +11,8 @@ what it measured. Each part's output is in DIR/<part>.log; each benchmark also w
 the time of one call goes (torch.profiler) to DIR/<part>.profile.txt.
 
   kernels        tests/test_kernels.py with the kernels compiled for the GPU (no interpreter),
-                 and tests/test_attention.py (variable-length flash attention)
+                 tests/test_attention.py (variable-length flash attention) and
+                 tests/test_decode_step.py (CUDA-graph decoding against eager)
   bench_kernels  loss head naive vs fused; union-KL bandwidth against a copy (tools/bench_kernels.py)
   trainer        SFT, resume, TD and OPD steps on the device (tools/check_trainer.py)
   bench_opd      one OPD step, ours against the authors' way (tools/bench_opd.py)
@@ -52,7 +53,8 @@ class Part:
             return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select,
                     f"--junitxml={os.path.join(out, 'kernels.xml')}",
                     os.path.join(ROOT, "tests", "test_kernels.py"),
-                    os.path.join(ROOT, "tests", "test_attention.py")]
+                    os.path.join(ROOT, "tests", "test_attention.py"),
+                    os.path.join(ROOT, "tests", "test_decode_step.py")]
         if self.name == "trainer":
             return [py, os.path.join(TOOLS, "check_trainer.py"), "--out", os.path.join(out, "trainer")]
         if self.name.startswith("real_"):

@@ -89,7 +89,9 @@ class DecodeStep:
             return out
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            # thread-local: CUDA calls of other threads (a data loader pinning memory) neither
+            # break the capture nor are refused during it
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = self._forward()
         except Exception as e:
             raise RuntimeError(

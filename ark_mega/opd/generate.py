@@ -34,6 +34,7 @@ class Rollout:
     # token's position when it was generated. Kept on the last pipeline stage (None elsewhere).
     topk_ids: list[torch.Tensor] | None = None
     steps: int = 0  # decoding steps taken
+    cuda_graph: bool = False  # whether the steps after the prefill replayed a CUDA graph
 
 
 def _send_recv_hidden(model: AudioLM, shape, device, dtype):
@@ -136,7 +137,8 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
         stacked = torch.stack(step_topk)
         topk = [stacked[:len(t) + stopped, i] for i, (t, stopped)
                 in enumerate(zip(tokens, done_host))]
-    return Rollout(tokens, done_host, topk, steps)
+    graphed = decode is not None and decode.graph is not None
+    return Rollout(tokens, done_host, topk, steps, graphed)
 
 
 def _decode_stage(decode: DecodeStep, step_ids: torch.Tensor, hidden_size: int, dtype):
