@@ -7,8 +7,9 @@ Python (docs/benchmarks.md: decoding ran at 14% GPU utilisation). Here the write
 device tensor and every shape is fixed for the whole rollout, so the step is one CUDA graph
 replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
 q/k norms, output projection, MLP, embedding, output layer) and does only the cache write, RoPE
-at the position and the attention itself. Keys are cached with RoPE applied, so a step rotates
-one key per layer, not the whole cache.
+at the position (`ark_mega.kernels.decode_rope`: two launches per layer) and the attention
+itself. Keys are cached with RoPE applied, so a step rotates one key per layer, not the whole
+cache.
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
 and the positions not yet written are masked.
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+from ..kernels.decode_rope import rope_into_cache, rope_tables
 
 
 class DecodeStep:
@@ -43,11 +46,14 @@ class DecodeStep:
         self.model, self.config = model, gpt.config
         if self.config.sequence_parallel or self.config.context_parallel_size != 1:
             raise ValueError("the decoding step does not support sequence or context parallelism")
+        if self.config.rotary_interleaved:
+            raise ValueError("the decoding step's RoPE is half-split, not interleaved")
         self.layers = list(gpt.decoder.layers)
         self.final_norm = gpt.decoder.final_layernorm if model.post_process else None
         b, max_len = key_padded.shape
         device = key_padded.device
         self.freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
+        self.cos, self.sin = rope_tables(self.freqs, self.config.params_dtype)
         self.caches = [self._take_cache(context, layer.layer_number, position)
                        for layer in self.layers]
         self.key_padded = key_padded[:, None, None, :]  # [b, 1, 1, max_len]
@@ -102,26 +108,22 @@ class DecodeStep:
 
     def _forward(self) -> torch.Tensor:
         hidden = self.input
-        freqs = self.freqs.index_select(0, self.position)
         blocked = self.key_padded | (self.key_positions > self.position)
         with get_fp8_context(self.config) if self.config.fp8 else contextlib.nullcontext():
             for layer, cache in zip(self.layers, self.caches):
-                hidden = self._layer(layer, hidden, cache, freqs, blocked)
+                hidden = self._layer(layer, hidden, cache, blocked)
         self.position.add_(1)
         if self.final_norm is None:
             return hidden
         hidden = self.final_norm(hidden)
         return self.model.logits(hidden)[0]
 
-    def _layer(self, layer, hidden, cache, freqs, blocked):
+    def _layer(self, layer, hidden, cache, blocked):
         attention = layer.self_attention
         query, key, value = attention.get_query_key_value_tensors(
             layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
-        query = apply_rotary_pos_emb(query, freqs, config=self.config)
-        key = apply_rotary_pos_emb(key, freqs, config=self.config)
         keys, values = cache
-        keys.index_copy_(2, self.position, key.permute(1, 2, 0, 3))
-        values.index_copy_(2, self.position, value.permute(1, 2, 0, 3))
+        query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values)
         context = cached_attention(query, keys, values, blocked, self.config.softmax_scale)
         out, bias = attention.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
