@@ -94,6 +94,9 @@ class GenerationConfig:
     # replay each decoding step as one CUDA graph (on a GPU): the step's ~1,300 kernel launches
     # through Python become one
     cuda_graph: bool = True
+    # the host reads the picked tokens (and stops once every row has ended) every this many
+    # steps, queueing steps ahead of the device in between; 0: 8 on a GPU, 1 on the CPU
+    check_every: int = 0
 
 
 @dataclass

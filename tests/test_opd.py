@@ -38,6 +38,26 @@ def test_kv_cache_generation_equals_full_recomputation(single_rank, name, builde
     assert len({tuple(t) for t in out.tokens}) > 1
 
 
+def test_reading_tokens_every_few_steps_changes_no_rollout(single_rank):
+    """As on a GPU: rows that stop between two reads decode padding until the next one; the
+    rollout (tokens, stops, top-k ids) is the one read at every step."""
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0).eval()
+    b = batch(sp, n=4)
+    prompts = [sp.build(f.shape[-1]).input_ids for f in b.audio_features]
+    def run(stop_id, every):
+        return generate(student, prompts, b.audio_features, stop_id,
+                        GenerationConfig(max_new_tokens=12, top_k=4, check_every=every))
+
+    # random weights never pick the real stop token: stop at a token row 0 picks third
+    stop_id = run(-1, 1).tokens[0][2]
+    runs = [run(stop_id, every) for every in (1, 5)]
+    assert any(runs[0].stopped) and len({len(t) for t in runs[0].tokens}) > 1
+    assert runs[0].tokens == runs[1].tokens and runs[0].stopped == runs[1].stopped
+    assert all(torch.equal(x, y) for x, y in zip(runs[0].topk_ids, runs[1].topk_ids))
+    assert runs[1].steps % 5 == 0 or runs[1].steps == 12
+
+
 def test_prefill_forms_logits_at_the_last_position_only(single_rank):
     """The rollout's prefill runs the output layer on [1, b, h], not on every prompt position
     (at 64 utterances of 30 s that would be [~830, 64, V]: 8.2 GiB at Qwen's vocabulary)."""

@@ -105,10 +105,11 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     out = _stage_step(model, ids, audio_features, prefill_mask, context, hidden_size, dtype)
     logits = out[-1] if last else None
     decode = None
-    tokens = [[] for _ in range(b)]
-    step_topk = []  # [b, k] per step (last stage)
-    done_host = [False] * b
+    picked, step_topk = [], []  # per step: the tokens [b], and their top-k ids [b, k] (last stage)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    # Between reads of the tokens the host queues steps ahead of the GPU; a row that stopped
+    # meanwhile decodes padding. On the CPU each op runs as it is called: read every step.
+    check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
     steps = 0
     for steps in range(1, cfg.max_new_tokens + 1):
         nxt = torch.empty(b, dtype=torch.long, device=device)
@@ -117,28 +118,27 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
             step_topk.append(top)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=pp_last_rank, group=ps.get_pipeline_model_parallel_group())
-        picked = nxt.tolist()  # the step's one device-to-host copy
-        for i in range(b):
-            if not done_host[i]:
-                if picked[i] == stop_id:
-                    done_host[i] = True
-                else:
-                    tokens[i].append(picked[i])
-        if all(done_host) or steps == cfg.max_new_tokens:
+        picked.append(nxt)
+        done |= nxt == stop_id
+        if steps == cfg.max_new_tokens or (steps % check_every == 0 and bool(done.all())):
             break
         if decode is None:
             decode = DecodeStep(model, context, is_pad, width, cfg.cuda_graph)
-        done |= nxt == stop_id
-        step_ids = torch.where(done, pad_id, nxt)
-        logits = _decode_stage(decode, step_ids, hidden_size, dtype)
+        logits = _decode_stage(decode, torch.where(done, pad_id, nxt), hidden_size, dtype)
+    tokens, stopped = _until_stop(torch.stack(picked, 1).tolist(), stop_id)
     model.train(was_training)
     topk = None
     if last:  # row i was scored at its generated tokens and at its stop token, if any
         stacked = torch.stack(step_topk)
-        topk = [stacked[:len(t) + stopped, i] for i, (t, stopped)
-                in enumerate(zip(tokens, done_host))]
+        topk = [stacked[:len(t) + end, i] for i, (t, end) in enumerate(zip(tokens, stopped))]
     graphed = decode is not None and decode.graph is not None
-    return Rollout(tokens, done_host, topk, steps, graphed)
+    return Rollout(tokens, stopped, topk, steps, graphed)
+
+
+def _until_stop(rows: list[list[int]], stop_id: int) -> tuple[list[list[int]], list[bool]]:
+    """Each row's tokens before its first stop token, and whether it has one."""
+    cut = [row.index(stop_id) if stop_id in row else len(row) for row in rows]
+    return [row[:n] for row, n in zip(rows, cut)], [n < len(row) for row, n in zip(rows, cut)]
 
 
 def _decode_stage(decode: DecodeStep, step_ids: torch.Tensor, hidden_size: int, dtype):
