@@ -62,6 +62,10 @@ class DecodeStep:
         self.input = torch.zeros(1, b, self.config.hidden_size, device=device,
                                  dtype=self.config.params_dtype)
         self.cuda_graph = cuda_graph and device.type == "cuda"
+        # the kernel on a GPU; on the CPU the reference, also under Triton's interpreter, which
+        # would run one program per row, head, layer and step (tests/test_kernels.py checks
+        # the kernel itself)
+        self.rope_impl = "triton" if device.type == "cuda" else "torch"
         self.graph = self.output = None
         self.calls = 0
 
@@ -123,7 +127,8 @@ class DecodeStep:
         query, key, value = attention.get_query_key_value_tensors(
             layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
         keys, values = cache
-        query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values)
+        query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
+                                impl=self.rope_impl)
         context = cached_attention(query, keys, values, blocked, self.config.softmax_scale)
         out, bias = attention.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
