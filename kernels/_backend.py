@@ -37,7 +37,9 @@ _TUNED = []  # every kernel made by `tuned`
 def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
     """Autotune a kernel over `configs` on a GPU: Triton times each on first use, once per
     distinct value of the `key` arguments. The interpreter has no timings to compare and runs
-    `interpreted`, small enough that the tests' small shapes cover every loop of the kernel."""
+    `interpreted`: small enough that the kernel tests' shapes cover every loop, large enough
+    that whole training steps under the interpreter (trainer tests, gpu_check --smoke) stay
+    quick."""
     def wrap(fn):
         kernel = triton.autotune(configs=[interpreted] if interpreting() else configs,
                                  key=key)(fn)

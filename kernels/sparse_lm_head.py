@@ -80,7 +80,7 @@ def _grad_hidden_kernel(g_ptr, w_ptr, ids_ptr, gh_ptr, u, hdim, vocab_start, v_l
 @tuned([triton.Config({"BLOCK_J": j, "BLOCK_H": h}, num_warps=w)
         for j, h, w in ((8, 256, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8),
                         (32, 128, 4))],
-       key=["hdim"], interpreted=triton.Config({"BLOCK_J": 4, "BLOCK_H": 16}))
+       key=["hdim"], interpreted=triton.Config({"BLOCK_J": 16, "BLOCK_H": 32}))
 @triton.jit
 def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, seg_ids_ptr, gw_ptr, u, hdim,
                         v_local, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):

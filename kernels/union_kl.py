@@ -56,7 +56,7 @@ def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0,
 
 
 @tuned([triton.Config({"BLOCK_N": n}, num_warps=w) for n in (16, 32, 64) for w in (4, 8)],
-       key=["u"], interpreted=triton.Config({"BLOCK_N": 16}))
+       key=["u"], interpreted=triton.Config({"BLOCK_N": 32}))
 @triton.jit
 def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_rows, u, inv_tau,
                      beta, UP: tl.constexpr, BLOCK_N: tl.constexpr, DIVERGENCE: tl.constexpr):
