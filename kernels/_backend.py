@@ -20,7 +20,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl == "triton"
-    return tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return tensors[0].is_cuda or interpreting()
 
 
 def next_pow2(n: int) -> int:

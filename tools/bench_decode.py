@@ -59,9 +59,8 @@ def main() -> int:
     blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size).to(dev)
     blocked[prompts.stop_id] = True
 
-    graphed = []
-
-    def run(new_tokens: int, cuda_graph: bool = True) -> float:
+    def run(new_tokens: int, cuda_graph: bool = True) -> tuple[float, bool]:
+        """Seconds of one rollout, and whether its steps replayed a CUDA graph."""
         sync(dev)
         t0 = time.perf_counter()
         out = generate(model, ids, feats, prompts.stop_id,
@@ -69,18 +68,16 @@ def main() -> int:
                                         cuda_graph=cuda_graph), blocked)
         sync(dev)
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
-        graphed.append(out.cuda_graph)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, out.cuda_graph
 
-    def decode_tokens_per_s(cuda_graph: bool) -> float:
-        decode_s = max(run(args.new_tokens, cuda_graph) - prefill_s, 1e-9)
-        return args.batch * (args.new_tokens - 1) / decode_s
+    def decode_tokens_per_s(cuda_graph: bool) -> tuple[float, bool]:
+        seconds, graphed = run(args.new_tokens, cuda_graph)
+        return args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9), graphed
 
     run(3)  # warm-up: kernels compiled, allocator primed, a graph captured
-    prefill_s = run(1)
-    tokens_per_s = decode_tokens_per_s(True)
-    cuda_graph = graphed[-1]
-    eager = decode_tokens_per_s(False) if dev.type == "cuda" else None
+    prefill_s, _ = run(1)
+    tokens_per_s, cuda_graph = decode_tokens_per_s(True)
+    eager = decode_tokens_per_s(False)[0] if dev.type == "cuda" else None
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
     floor = args.batch * bandwidth / weights

@@ -52,9 +52,9 @@ class DecodeStep:
         self.final_norm = gpt.decoder.final_layernorm if model.post_process else None
         b, max_len = key_padded.shape
         device = key_padded.device
-        self.freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
-        self.cos, self.sin = rope_tables(self.freqs, self.config.params_dtype)
-        self.caches = [self._take_cache(context, layer.layer_number, position)
+        freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
+        self.cos, self.sin = rope_tables(freqs, self.config.params_dtype)
+        self.caches = [self._take_cache(context, layer.layer_number, freqs[:position])
                        for layer in self.layers]
         self.key_padded = key_padded[:, None, None, :]  # [b, 1, 1, max_len]
         self.key_positions = torch.arange(max_len, device=device)
@@ -69,9 +69,10 @@ class DecodeStep:
         self.graph = self.output = None
         self.calls = 0
 
-    def _take_cache(self, context, layer_number: int, filled: int):
+    def _take_cache(self, context, layer_number: int, freqs: torch.Tensor):
+        """The layer's cache with the prefilled keys rotated (`freqs`: their angles)."""
         keys, values = context.key_value_memory_dict.pop(layer_number)
-        freqs = self.freqs[:filled]
+        filled = freqs.shape[0]
         keys[:filled] = apply_rotary_pos_emb(keys[:filled], freqs, config=self.config)
         # unwritten positions are zero, not stale memory: a masked score is -inf, but a NaN in
         # a masked value would still reach the output through 0 * NaN

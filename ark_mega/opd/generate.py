@@ -4,10 +4,10 @@ Prompts are left-padded to one length, so every row writes its next token at the
 position; padded keys are masked out, and since RoPE scores depend only on relative positions
 the shift changes nothing. The prompt is prefilled by the model's forward with megatron's static
 KV cache; the steps after it run `DecodeStep` on that cache (one CUDA graph replay per step on a
-GPU). Each step runs the pipeline stages in turn (activations sent stage to stage), the last stage picks the next tokens from the
-vocab-parallel logits (blocked ids removed; greedy, or sampling with temperature / top-p among
-the top-k), and broadcasts them to every stage. The student's top-k ids at every generated
-position are kept for the OPD union.
+GPU). Each step runs the pipeline stages in turn (activations sent stage to stage), the last
+stage picks the next tokens from the vocab-parallel logits (blocked ids removed; greedy, or
+sampling with temperature / top-p among the top-k), and broadcasts them to every stage. The
+student's top-k ids at every generated position are kept for the OPD union.
 """
 
 from __future__ import annotations
@@ -37,24 +37,35 @@ class Rollout:
     cuda_graph: bool = False  # whether the steps after the prefill replayed a CUDA graph
 
 
-def _send_recv_hidden(model: AudioLM, shape, device, dtype):
-    """Receive this stage's input from the previous stage (all but the first)."""
+def _received(shape, device, dtype) -> torch.Tensor | None:
+    """This stage's input from the previous stage; None on the first stage."""
     if ps.is_pipeline_first_stage():
-        return
+        return None
     buf = torch.empty(shape, device=device, dtype=dtype)
     dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
-    model.set_input_tensor(buf)
+    return buf
 
 
-def _stage_step(model: AudioLM, ids, audio, mask, context, hidden_size, dtype):
-    """One forward of this pipeline stage; logits on the last stage, None elsewhere."""
-    device = ids.device
-    _send_recv_hidden(model, (ids.shape[1], ids.shape[0], hidden_size), device, dtype)
-    out = model(ids, audio, attention_mask=mask, inference_context=context)
-    if not ps.is_pipeline_last_stage():
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out
+def _sent_on(out: torch.Tensor) -> torch.Tensor | None:
+    """The last stage's output (logits); elsewhere `out` goes to the next stage and None back."""
+    if ps.is_pipeline_last_stage():
+        return out
+    dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    return None
+
+
+def _prefill(model: AudioLM, ids, audio, mask, context, hidden_size, dtype):
+    """The prompts' forward through this pipeline stage, filling megatron's KV cache."""
+    hidden = _received((ids.shape[1], ids.shape[0], hidden_size), ids.device, dtype)
+    if hidden is not None:
+        model.set_input_tensor(hidden)
+    return _sent_on(model(ids, audio, attention_mask=mask, inference_context=context))
+
+
+def _decode_stage(decode: DecodeStep, step_ids: torch.Tensor, hidden_size: int, dtype):
+    """One decoding step of this pipeline stage."""
+    hidden = _received((1, step_ids.shape[0], hidden_size), step_ids.device, dtype)
+    return _sent_on(decode(step_ids if hidden is None else hidden))
 
 
 def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationConfig,
@@ -102,7 +113,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     last = ps.is_pipeline_last_stage()
     pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
 
-    out = _stage_step(model, ids, audio_features, prefill_mask, context, hidden_size, dtype)
+    out = _prefill(model, ids, audio_features, prefill_mask, context, hidden_size, dtype)
     logits = out[-1] if last else None
     decode = None
     picked, step_topk = [], []  # per step: the tokens [b], and their top-k ids [b, k] (last stage)
@@ -139,18 +150,3 @@ def _until_stop(rows: list[list[int]], stop_id: int) -> tuple[list[list[int]], l
     """Each row's tokens before its first stop token, and whether it has one."""
     cut = [row.index(stop_id) if stop_id in row else len(row) for row in rows]
     return [row[:n] for row, n in zip(rows, cut)], [n < len(row) for row, n in zip(rows, cut)]
-
-
-def _decode_stage(decode: DecodeStep, step_ids: torch.Tensor, hidden_size: int, dtype):
-    """One decoding step of this pipeline stage: logits on the last stage, None elsewhere."""
-    if ps.is_pipeline_first_stage():
-        out = decode(step_ids)
-    else:
-        hidden = torch.empty(1, step_ids.shape[0], hidden_size, device=step_ids.device,
-                             dtype=dtype)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        out = decode(hidden)
-    if not ps.is_pipeline_last_stage():
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out
