@@ -12,6 +12,8 @@ SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
 
 
 def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
+    # an earlier check in the same folder: its run would be resumed (and fail, being empty)
+    os.makedirs(tmp_path / "trainer" / "student_sft" / "checkpoints" / "step_000099")
     proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -39,9 +41,13 @@ def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
         sys.executable, "-c", "import sys; print('a line before'); sys.exit('trainer broke')"])
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--smoke", "--out", str(tmp_path),
                                       "--only", "trainer,real_ark"])
+    stale = tmp_path / "trainer" / "check_trainer.json"  # an earlier check's result
+    stale.parent.mkdir()
+    stale.write_text(json.dumps({"passed": True}))
     assert gpu_check.main() == 1
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert parts["trainer"]["status"] == "failed (exit 1)"
+    assert parts["trainer"]["figures"] == {}
     assert "trainer broke" in parts["trainer"]["error"]
     assert parts["real_ark"]["status"] == "ok"
     assert "| trainer | failed (exit 1) |" in (tmp_path / "gpu_check.md").read_text()

@@ -10,7 +10,8 @@ teacher SFT (2 steps, saved) -> student SFT: 2 steps saved, then resumed for a 3
 optimizer, scheduler, RNG and data position loaded) -> TD (the teacher transcribes a few
 utterances; 1 step) -> OPD (3 steps, from a fresh student). Every stage must give finite losses, and OPD non-empty
 rollouts. Writes DIR/check_trainer.json: per stage the losses, step times, memory and the
-layer implementation, dtype and optimizer that ran.
+layer implementation, dtype and optimizer that ran. Every run starts from scratch: an earlier
+check's runs in DIR are removed first (they would be resumed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -26,6 +28,7 @@ import warnings
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = ("teacher_sft", "student_sft", "td", "opd")  # output folders under DIR
 
 
 def main() -> int:
@@ -45,7 +48,8 @@ def main() -> int:
     from ark_mega.opd.trainer import Trainer
 
     init_parallel(ParallelConfig())
-    td_manifest = os.path.join(out, "td_manifest.jsonl")
+    for name in RUNS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
     def model(name, checkpoint=None):
         """The demo's models as trained offline (examples/configs/demo_teacher.yaml,
@@ -59,7 +63,7 @@ def main() -> int:
         tree = {"stage": stage, "name": name, "output_dir": os.path.join(out, name), "steps": steps,
                 "student": student, "dtype": "bf16", "optim": {"lr": 1e-3, "distributed": True},
                 "data": {"max_tokens": 2500, "num_workers": 0, "subset": 0.1},
-                "save_every": 2, "log_every": 1, "td_manifest": td_manifest,
+                "save_every": 2, "log_every": 1,
                 "opd": {"top_k": 8, "generation": {"max_new_tokens": 24}}, **extra}
         if teacher:
             tree["teacher"] = teacher

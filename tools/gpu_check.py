@@ -24,6 +24,7 @@ the time of one call goes (torch.profiler) to DIR/<part>.profile.txt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -51,7 +52,7 @@ class Part:
         if self.name == "kernels":
             select = ["-k", "union_kl_kernel or union_support"] if smoke else []
             return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select,
-                    f"--junitxml={os.path.join(out, 'kernels.xml')}",
+                    f"--junitxml={self.result_file(out)}",
                     os.path.join(ROOT, "tests", "test_kernels.py"),
                     os.path.join(ROOT, "tests", "test_attention.py"),
                     os.path.join(ROOT, "tests", "test_decode_step.py")]
@@ -72,6 +73,8 @@ class Part:
     def result_file(self, out: str) -> str:
         if self.name == "trainer":
             return os.path.join(out, "trainer", "check_trainer.json")
+        if self.name == "kernels":
+            return os.path.join(out, "kernels.xml")
         return os.path.join(out, f"{self.name}.json")
 
 
@@ -130,6 +133,9 @@ def run_part(part: Part, out: str, smoke: bool, limit: float) -> dict:
     else:
         env.pop("TRITON_INTERPRET", None)  # compiled for the GPU
     log_path = os.path.join(out, f"{part.name}.log")
+    # an earlier run's result in the same folder must not be reported as this run's
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(part.result_file(out))
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -147,16 +153,13 @@ def run_part(part: Part, out: str, smoke: bool, limit: float) -> dict:
 
 
 def _figures(part: Part, out: str) -> dict:
-    if part.name == "kernels":
-        xml = os.path.join(out, "kernels.xml")
-        if not os.path.isfile(xml):
-            return {}
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     path = part.result_file(out)
     if not os.path.isfile(path):
         return {}
+    if part.name == "kernels":
+        suite = ET.parse(path).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     with open(path) as f:
         return json.load(f)
 
