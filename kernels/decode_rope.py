@@ -5,7 +5,7 @@ the value heads into the cache [b, ng, max_len, hn] at `position` (a device tens
 with torch ops (megatron's unfused RoPE: cos, sin, two products, a negation and two
 concatenations per tensor, then the copies) that is ~20 kernels per layer and step; the Triton
 kernel does it in two launches. Non-interleaved (half-split) RoPE on the first `rot` dims of
-each head, as megatron's: x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1].
+each head, as megatron's (`kernels/rope.py` makes the tables and holds the reference).
 """
 
 from __future__ import annotations
@@ -15,27 +15,14 @@ import triton
 import triton.language as tl
 
 from ._backend import next_pow2, use_triton
-
-
-def rope_tables(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_len, rot] of megatron's rotary angles [max_len, 1, 1, rot], in the
-    activations' dtype (megatron casts them so before use)."""
-    angles = freqs.reshape(freqs.shape[0], -1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+from .rope import rotate
 
 
 def rope_into_cache_reference(query, key, value, cos, sin, position, keys, values):
     at = (cos.index_select(0, position), sin.index_select(0, position))  # [1, rot]
-    keys.index_copy_(2, position, _rotate(key, *at).permute(1, 2, 0, 3))
+    keys.index_copy_(2, position, rotate(key, *at).permute(1, 2, 0, 3))
     values.index_copy_(2, position, value.permute(1, 2, 0, 3))
-    return _rotate(query, *at)
+    return rotate(query, *at)
 
 
 @triton.jit

@@ -1,12 +1,17 @@
-"""Packed (THD) attention: host boundaries read once, and the GPU's variable-length flash
-attention equal to the per-segment SDPA path (forward and backward)."""
+"""Packed (THD) attention: host boundaries read once, RoPE applied in the core attention as
+megatron's attention would, and the GPU's variable-length flash attention equal to the
+per-segment SDPA path (forward and backward)."""
 
 import pytest
 import torch
 
+from ark_mega.models import AudioLM
 from ark_mega.models.attention import PackedSegments, _varlen_probe, per_segment_attention
 from ark_mega.models.attention import varlen_attention
 from ark_mega.models.audio_encoders import packed_seq_params
+from ark_mega.models.config import tiny_ark_asr
+from hf_reference import make_utterances
+from parity import packed_batch
 
 
 def test_packed_segments_carry_their_boundaries_on_the_host():
@@ -14,6 +19,33 @@ def test_packed_segments_carry_their_boundaries_on_the_host():
     assert isinstance(params, PackedSegments) and params.boundaries == (0, 3, 10, 12)
     assert params.max_seqlen_q == params.max_seqlen_kv == 7
     assert params.cu_seqlens_q.dtype == torch.int32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rope_in_the_core_attention_equals_megatrons(single_rank, dtype):
+    """With local layers the core attention rotates packed queries and keys, from tables looked
+    up once per forward (megatron's attention would read the boundaries to the host in every
+    layer): the same logits and gradients in the Whisper encoder (partial rotary) and the
+    decoder. Bitwise on the CPU (the same torch ops); on a GPU the kernel rounds once where the
+    ops round at each step."""
+    cfg = tiny_ark_asr()
+    torch.manual_seed(0)
+    model = AudioLM(cfg, dtype=dtype)
+    dev = next(model.parameters()).device
+    batch = packed_batch(make_utterances(cfg, [64, 47, 79], [5, 11, 2], seed=0))
+    batch = {k: [f.to(dev) for f in v] if isinstance(v, list) else v.to(dev)
+             for k, v in batch.items()}
+
+    def run(in_core_attention: bool):
+        model.rope_in_core_attention = model.encoder.rope_in_core_attention = in_core_attention
+        model.zero_grad()
+        logits = model(batch["input_ids"], batch["audio_features"], cu_seqlens=batch["cu_seqlens"])
+        logits.float().square().mean().backward()
+        return [t.float().cpu() for t in (logits, *(p.grad for p in model.parameters()))]
+
+    tol = 0.0 if dev.type == "cpu" else 1e-4 if dtype == torch.float32 else 3e-2
+    for ours, theirs in zip(run(True), run(False)):
+        assert (ours - theirs).abs().max() <= tol * theirs.abs().max()
 
 
 def test_per_segment_attention_keeps_segments_apart():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
-from ark_mega.kernels.decode_rope import rope_into_cache, rope_tables
+from ark_mega.kernels.decode_rope import rope_into_cache
+from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
 from ark_mega.kernels.sparse_lm_head import sparse_logits_reference
 from ark_mega.kernels.teacher_topk import teacher_topk_reference
 from ark_mega.kernels.union_kl import union_kl_reference
@@ -291,6 +292,47 @@ def test_decode_rope_against_float64(hn, rot, impl):
     others = [p for p in range(max_len) if p != pos]
     assert torch.equal(k_dev[:, :, others], keys[:, :, others])
     assert torch.equal(v_dev[:, :, others], values[:, :, others])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("hn,rot", [(12, 12), (12, 8), (16, 6)])
+def test_packed_rope_against_float64(hn, rot, impl):
+    """Packed segments rotated at each token's position within its segment, forward and
+    backward; q and k are strided views of one fused projection, as megatron's."""
+    gen = torch.Generator().manual_seed(hn * rot)
+    boundaries, groups, per_group = (0, 5, 6, 41, 77), 2, 3  # 77 tokens: a partial last block
+    t = boundaries[-1]
+    fused = torch.randn(t, groups, (per_group + 2) * hn, generator=gen)
+    query = fused[..., :per_group * hn].reshape(t, groups * per_group, hn)
+    key = fused[..., per_group * hn:(per_group + 1) * hn]
+    freqs = torch.rand(40, 1, 1, rot // 2, generator=gen).repeat(1, 1, 1, 2) * 10
+    cos, sin = tables_at(*rope_tables(freqs, torch.float32), boundaries)
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(boundaries, boundaries[1:])])
+    angle = freqs[pos, 0, :, :rot // 2].double()  # [t, 1, rot / 2]
+
+    def rotated(x):  # float64, from the definition: x * cos + rotate_half(x) * sin
+        x1, x2, rest = x[..., :rot // 2], x[..., rot // 2:rot], x[..., rot:]
+        return torch.cat((x1 * angle.cos() - x2 * angle.sin(),
+                          x2 * angle.cos() + x1 * angle.sin(), rest), -1)
+
+    for x in (query, key):
+        x64 = x.double().requires_grad_()
+        dy = torch.randn(x.shape, generator=gen)
+        (ref_grad,) = torch.autograd.grad((rotated(x64) * dy.double()).sum(), x64)
+        x_dev, dy_dev = on_dev(x.clone().requires_grad_(), dy)
+        x_dev.retain_grad()
+        got = packed_rope(x_dev, *on_dev(cos, sin), impl=impl)
+        got.backward(dy_dev)
+        assert rel(got.detach().cpu(), rotated(x.double())) < 1e-6
+        assert rel(x_dev.grad.cpu(), ref_grad) < 1e-6
+
+
+def test_packed_rope_rejects_tables_that_do_not_fit():
+    x = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        packed_rope(x, torch.ones(3, 8), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        packed_rope(x, torch.ones(4, 10), torch.ones(4, 10))
 
 
 def test_vocab_parallel_kernels_at_tp2_equal_tp1():

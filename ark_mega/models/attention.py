@@ -10,6 +10,7 @@ and a probe on the device confirms it; otherwise each segment gets its own SDPA 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -23,13 +24,26 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..kernels.rope import packed_rope, rope_tables, tables_at
+
 
 @dataclass
 class PackedSegments(PackedSeqParams):
     """megatron's THD description, with the segment boundaries also on the host: read once per
-    forward, not once per layer (each read waits for the GPU)."""
+    forward, not once per layer (each read waits for the GPU). With `rotary` (per-token cos and
+    sin [t, rot], from `with_rotary`) the core attention applies RoPE to its queries and keys:
+    megatron's packed RoPE would read the boundaries to the host again in every layer."""
 
     boundaries: tuple[int, ...] = ()
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def with_rotary(segments: PackedSegments, freqs: torch.Tensor, dtype: torch.dtype) -> PackedSegments:
+    """`segments` carrying the RoPE tables of megatron's angles `freqs` [max_len, 1, 1, rot] at
+    each token's position within its segment, for `SDPACoreAttention` to apply (the model then
+    passes no rotary embedding to megatron's attention)."""
+    return dataclasses.replace(segments, rotary=tables_at(*rope_tables(freqs, dtype),
+                                                          segments.boundaries))
 
 
 class SDPACoreAttention(MegatronModule):
@@ -79,6 +93,10 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _packed(self, query, key, value, params, causal, dropout):
+        rotary = getattr(params, "rotary", None)
+        if rotary is not None:  # the kernel on a GPU; on the CPU the reference (megatron's ops)
+            impl = "triton" if query.is_cuda else "torch"
+            query, key = (packed_rope(x, *rotary, impl=impl) for x in (query, key))
         if getattr(params, "boundaries", None):
             cu_q = cu_k = list(params.boundaries)
         else:

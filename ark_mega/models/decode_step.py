@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-from ..kernels.decode_rope import rope_into_cache, rope_tables
+from ..kernels.decode_rope import rope_into_cache
+from ..kernels.rope import rope_tables
 
 
 class DecodeStep:
