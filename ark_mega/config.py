@@ -71,6 +71,10 @@ class OptimConfig:
     # megatron's distributed optimizer shards the optimizer state over data-parallel ranks; it
     # needs reduce-scatter, which gloo lacks, so by default (None) it is on with CUDA only
     distributed: bool | None = None
+    # torch's fused AdamW: one kernel over the parameters where torch's default on CUDA (without
+    # TE or apex, whose fused Adam megatron would take) makes ~10 passes; by default (None) on
+    # with CUDA (on the CPU torch's default is its per-parameter loop)
+    fused: bool | None = None
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):

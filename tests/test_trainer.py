@@ -101,17 +101,24 @@ def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-@pytest.mark.parametrize("dtype,distributed,micro", [("fp32", False, 1), ("bf16", True, 1),
-                                                     ("fp32", False, 2)])
-def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, distributed, micro):
-    """Also in bf16 with megatron's distributed optimizer, the GPU default (its checkpoint
-    format, its fresh state at load, torch Adam's step), and with two micro-batches a step
-    (the data position counts micro-batches; 5 steps cross an epoch)."""
+@pytest.mark.parametrize("dtype,gpu_optimizer,micro", [("fp32", False, 1), ("bf16", True, 1),
+                                                       ("fp32", False, 2)])
+def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, gpu_optimizer, micro,
+                                  monkeypatch):
+    """Also in bf16 with the GPU's optimizer: megatron's distributed optimizer (its checkpoint
+    format, its fresh state at load, torch Adam's step) running torch's fused AdamW; and with
+    two micro-batches a step (the data position counts micro-batches; 5 steps cross an epoch)."""
     from ark_mega.opd.trainer import Trainer
+
+    fused_calls = []
+    fused_adamw = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: fused_calls.append(1) or
+                        fused_adamw(*a, **k))
 
     def run(out, steps):
         Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / out, steps=steps,
-                                                dtype=dtype, **{"optim.distributed": distributed,
+                                                dtype=dtype, **{"optim.distributed": gpu_optimizer,
+                                                                "optim.fused": gpu_optimizer,
                                                                 "data.micro_batches": micro}))).run()
 
     run("a", 5)
@@ -128,6 +135,7 @@ def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, distri
     assert tensorboard_steps(tmp_path / "b", "run/loss") == [1, 2, 3, 4, 5]  # step 3 purged once
     assert [a[s] for s in (3, 4, 5)] == [b[s] for s in (3, 4, 5)]  # bitwise equal
     assert a[5] < a[1]
+    assert bool(fused_calls) == gpu_optimizer
 
 
 def test_td_then_opd_stages(single_rank, tmp_path, tok_file):

@@ -46,8 +46,9 @@ from .token_map import TokenMap
 
 
 def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: int):
-    """megatron DDP around `model`, megatron's Adam (distributed over data-parallel ranks with
-    CUDA unless `o.distributed` says otherwise) and its LR schedule over `steps`."""
+    """megatron DDP around `model`, megatron's Adam (distributed over data-parallel ranks and
+    torch's fused AdamW with CUDA, unless `o.distributed` / `o.fused` say otherwise) and its LR
+    schedule over `steps`."""
     distributed = torch.cuda.is_available() if o.distributed is None else o.distributed
     ddp = DistributedDataParallel(
         config=model.config, module=model,
@@ -58,6 +59,10 @@ def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: i
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
         bf16=dtype == torch.bfloat16, params_dtype=dtype,
         use_distributed_optimizer=distributed), [ddp])
+    if torch.cuda.is_available() if o.fused is None else o.fused:
+        for inner in optimizer.chained_optimizers:
+            for group in inner.optimizer.param_groups:
+                group.update(fused=True, foreach=False)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, o.warmup_steps + 1),
