@@ -84,10 +84,11 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     n, heads, hn = x.shape
     rot = cos.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_t = 32
+    half = next_pow2(rot // 2)
+    block_t = max(1, 1024 // half)  # six [BLOCK_T, HALF] fp32 tiles: ~48 registers a thread
     _rope_kernel[(triton.cdiv(n, block_t), heads)](
         x, cos, sin, out, n, x.stride(0), x.stride(1), hn, rot, BLOCK_T=block_t,
-        HALF=next_pow2(rot // 2), REST=next_pow2(max(hn - rot, 1)), INVERSE=inverse)
+        HALF=half, REST=next_pow2(max(hn - rot, 1)), INVERSE=inverse)
     return out
 
 

@@ -119,6 +119,11 @@ def _id_segments(ids, vocab_start: int, v_local: int):
     return order, starts, seg_ids
 
 
+# The forward and hidden-gradient kernels hold a [UP, BLOCK_H] tile of 8,192 weights: 64 per
+# thread at 4 warps, which spilled at UP = 64 (255 registers; tools/compile_kernels.py)
+TILE_WARPS = 8
+
+
 def _launch_shape(u: int, hdim: int):
     up = next_pow2(u)
     return up, max(16, min(next_pow2(hdim), 8192 // up))
@@ -133,7 +138,7 @@ class _SparseLogits(torch.autograd.Function):
         out = torch.empty(n, u, dtype=torch.float32, device=hidden.device)
         up, block_h = _launch_shape(u, hdim)
         _fwd_kernel[(n,)](hidden, weight, ids, out, u, hdim, vocab_start, weight.shape[0],
-                          UP=up, BLOCK_H=block_h)
+                          UP=up, BLOCK_H=block_h, num_warps=TILE_WARPS)
         ctx.save_for_backward(hidden, weight, ids)
         ctx.vocab_start = vocab_start
         return out
@@ -147,7 +152,7 @@ class _SparseLogits(torch.autograd.Function):
         grad_h = torch.empty(n, hdim, dtype=torch.float32, device=hidden.device)
         up, block_h = _launch_shape(u, hdim)
         _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
-                                  v_local, UP=up, BLOCK_H=block_h)
+                                  v_local, UP=up, BLOCK_H=block_h, num_warps=TILE_WARPS)
         grad_w = torch.zeros_like(weight)
         order, starts, seg_ids = _id_segments(ids, ctx.vocab_start, v_local)
         _grad_weight_kernel[(seg_ids.numel(),)](grad_out, hidden, order, starts, seg_ids,

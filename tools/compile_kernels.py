@@ -1,0 +1,158 @@
+"""Compile every Triton kernel of ark_mega for a GPU architecture, on a machine without a GPU.
+
+    python tools/compile_kernels.py              # sm_90 (H100 / H200)
+    python tools/compile_kernels.py --arch 80    # A100
+
+Each op runs once on tiny CPU inputs under Triton's interpreter (in a subprocess), which
+records every kernel launch with the arguments the op passes; each launch is then compiled for
+the target by Triton (with its own ptxas), once per launch configuration its autotuner may pick
+on a GPU. Prints each kernel's registers, stack and shared memory, and exits 1 if any fails to
+compile: such a failure would otherwise cost minutes of a GPU lent for a short time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_every_op() -> None:
+    """Each op once, forward and backward, on two rows with the block sizes of the real widths
+    (top-k 32 and 64; heads of 128 with full and 64 with half rotary; a hidden width of 256
+    already gives the largest blocks), so the registers are those of training."""
+    from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
+    from ark_mega.kernels.decode_rope import rope_into_cache
+    from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
+
+    gen = torch.Generator().manual_seed(0)
+    n, v, h = 2, 128, 256
+    for k in (32, 64):
+        hidden = torch.randn(n, h, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(v, h, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+        ids = torch.randint(0, v, (n, 2 * k), generator=gen)
+        sparse_lm_head(hidden, weight, ids, impl="triton").sum().backward()
+        student = torch.randint(0, v, (n, k), generator=gen)
+        top = teacher_topk(k, student, logits=torch.randn(n, v, generator=gen), impl="triton")
+        union = union_support(top.ids, student, top.logprobs, top.logprobs_at_student,
+                              impl="triton")
+        logits = torch.randn(n, 2 * k, generator=gen, requires_grad=True)
+        for divergence in ("forward_kl", "reverse_kl", "jsd"):
+            union_kl(logits, union.teacher_scores, union.valid, divergence=divergence,
+                     impl="triton").backward()
+    for hn, rot in ((128, 128), (64, 32)):
+        cos, sin = rope_tables(torch.rand(16, 1, 1, rot, generator=gen), torch.bfloat16)
+        x = torch.randn(10, 4, hn, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+        packed_rope(x, *tables_at(cos, sin, (0, 3, 10)), impl="triton").sum().backward()
+        q, kv = (torch.randn(1, 2, heads, hn, dtype=torch.bfloat16, generator=gen)
+                 for heads in (4, 2))
+        cache = [torch.zeros(2, 2, 16, hn, dtype=torch.bfloat16) for _ in range(2)]
+        rope_into_cache(q, kv, kv, cos, sin, torch.tensor([3]), *cache, impl="triton")
+
+
+def record_launches(path: str) -> None:
+    """Under the interpreter: each distinct launch's kernel (module, name), its arguments' types
+    and its constexpr values, as JSON lines in `path`."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    seen = {}
+    original = InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        params = JITFunction(self.fn).params
+        values = dict(zip((p.name for p in params), args)) | kwargs
+        launch = {"module": self.fn.__module__, "name": self.fn.__name__,
+                  "types": {p.name: mangle_type(values[p.name]) for p in params
+                            if not p.is_constexpr},
+                  "constexprs": {p.name: values[p.name] for p in params if p.is_constexpr},
+                  "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}}
+        seen.setdefault(json.dumps(launch, sort_keys=True), launch)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = record
+    try:
+        run_every_op()
+    finally:
+        InterpretedFunction.run = original
+    with open(path, "w") as f:
+        f.writelines(json.dumps(launch) + "\n" for launch in seen.values())
+
+
+def compile_launch(launch: dict, target):
+    """Each GPU configuration of one recorded launch: (label, compiled kernel or the error)."""
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
+    configs = kernel.configs if isinstance(kernel, triton.runtime.Autotuner) else [None]
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    for config in configs:
+        constexprs = {**launch["constexprs"], **(config.kwargs if config else {})}
+        signature = {p.name: "constexpr" if p.is_constexpr else launch["types"][p.name]
+                     for p in jit.params}
+        options = {**launch["options"], **({"num_warps": config.num_warps,
+                                             "num_stages": config.num_stages} if config else {})}
+        label = launch["name"] + "".join(f" {k}={v}" for k, v in constexprs.items())
+        label += "".join(f" {k}={v}" for k, v in options.items())
+        try:
+            yield label, triton.compile(ASTSource(jit, signature, constexprs), target=target,
+                                        options=options)
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            yield label, e
+
+
+def resources(compiled) -> str:
+    """Registers, spill stores and shared memory of the cubin (cuobjdump, shipped with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = {key: re.search(rf"\b{key}:(\d+)", out) for key in ("REG", "STACK", "SHARED", "LOCAL")}
+    return ", ".join(f"{key.lower()} {m.group(1)}" for key, m in found.items() if m)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    ap.add_argument("--record", help=argparse.SUPPRESS)  # the interpreted subprocess's output
+    args = ap.parse_args()
+    if args.record:
+        record_launches(args.record)
+        return 0
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.jsonl")
+        subprocess.run([sys.executable, __file__, "--record", path], check=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+        with open(path) as f:
+            launches = [json.loads(line) for line in f]
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for launch in launches:
+        for label, result in compile_launch(launch, target):
+            if isinstance(result, Exception):
+                failures += 1
+                print(f"FAILED  {label}: {type(result).__name__}: {str(result).strip()[:2000]}")
+            else:
+                used = resources(result)
+                spills = re.search(r"(stack|local) [1-9]", used)
+                print(f"{'SPILLS' if spills else 'ok':8}{label}: {used}")
+    print(f"compile_kernels: sm_{args.arch}, {len(launches)} launches, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
