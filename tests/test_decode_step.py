@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
-from ark_mega.models.decode_step import cached_attention
+from ark_mega.models.decode_step import attention_bias, cached_attention
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
 
@@ -20,7 +20,7 @@ def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys():
     keys, values = (torch.randn(b, groups, max_len, hn, generator=gen) for _ in range(2))
     blocked = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
     blocked[:, ..., 0] = False  # every row keeps a key
-    got = cached_attention(query, keys, values, blocked, None)
+    got = cached_attention(query, keys, values, attention_bias(blocked, query.dtype), None)
     # each query head h reads key group h // (heads / groups), as repeat_interleave expands it
     per_group = heads // groups
     ref = F.scaled_dot_product_attention(
@@ -31,7 +31,8 @@ def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys():
     # a masked key changes nothing, whatever it holds
     row, pos = blocked[:, 0, 0].nonzero()[0].tolist()
     keys[row, :, pos] = 1e4
-    assert torch.allclose(cached_attention(query, keys, values, blocked, None), got, atol=1e-6)
+    assert torch.allclose(cached_attention(query, keys, values, attention_bias(blocked, query.dtype),
+                                           None), got, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -114,39 +114,48 @@ class DecodeStep:
 
     def _forward(self) -> torch.Tensor:
         hidden = self.input
-        blocked = self.key_padded | (self.key_positions > self.position)
+        bias = attention_bias(self.key_padded | (self.key_positions > self.position),
+                              self.input.dtype)
         with get_fp8_context(self.config) if self.config.fp8 else contextlib.nullcontext():
             for layer, cache in zip(self.layers, self.caches):
-                hidden = self._layer(layer, hidden, cache, blocked)
+                hidden = self._layer(layer, hidden, cache, bias)
         self.position.add_(1)
         if self.final_norm is None:
             return hidden
         hidden = self.final_norm(hidden)
         return self.model.logits(hidden)[0]
 
-    def _layer(self, layer, hidden, cache, blocked):
+    def _layer(self, layer, hidden, cache, bias):
         attention = layer.self_attention
         query, key, value = attention.get_query_key_value_tensors(
             layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
         keys, values = cache
         query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
                                 impl=self.rope_impl)
-        context = cached_attention(query, keys, values, blocked, self.config.softmax_scale)
+        context = cached_attention(query, keys, values, bias, self.config.softmax_scale)
         out, bias = attention.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
         out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
         return hidden + (out if bias is None else out + bias)
 
 
+def attention_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (0, or -inf where `blocked`) that SDPA would make from a boolean one in
+    every layer (two kernels each): made once per step."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(
+        blocked, float("-inf"))
+
+
 def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     blocked: torch.Tensor, scale: float | None) -> torch.Tensor:
+                     bias: torch.Tensor, scale: float | None) -> torch.Tensor:
     """One query per row against the cache: query [1, b, heads, hn], keys / values
-    [b, groups, max_len, hn], `blocked` [b, 1, 1, max_len] (True: masked) -> [1, b, heads * hn].
+    [b, groups, max_len, hn], `bias` [b, 1, 1, max_len] (from `attention_bias`) ->
+    [1, b, heads * hn].
 
     A group's query heads go to SDPA as that group's query positions, so the cache is read once
     and never expanded to the query heads (as `enable_gqa` would on kernels without it)."""
     _, b, heads, hn = query.shape
     groups = keys.shape[1]
     q = query[0].reshape(b, groups, heads // groups, hn)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=~blocked, scale=scale)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
     return out.reshape(1, b, heads * hn)
