@@ -21,6 +21,13 @@ def test_packed_segments_carry_their_boundaries_on_the_host():
     assert params.cu_seqlens_q.dtype == torch.int32
 
 
+def packed_on(device, cfg) -> dict:
+    """A packed batch of three utterances (tests/parity.py's) on `device`."""
+    batch = packed_batch(make_utterances(cfg, [64, 47, 79], [5, 11, 2], seed=0))
+    return {k: [f.to(device) for f in v] if isinstance(v, list) else v.to(device)
+            for k, v in batch.items()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_rope_in_the_core_attention_equals_megatrons(single_rank, dtype):
     """With local layers the core attention rotates packed queries and keys, from tables looked
@@ -32,9 +39,7 @@ def test_packed_rope_in_the_core_attention_equals_megatrons(single_rank, dtype):
     torch.manual_seed(0)
     model = AudioLM(cfg, dtype=dtype)
     dev = next(model.parameters()).device
-    batch = packed_batch(make_utterances(cfg, [64, 47, 79], [5, 11, 2], seed=0))
-    batch = {k: [f.to(dev) for f in v] if isinstance(v, list) else v.to(dev)
-             for k, v in batch.items()}
+    batch = packed_on(dev, cfg)
 
     def run(in_core_attention: bool):
         model.rope_in_core_attention = model.encoder.rope_in_core_attention = in_core_attention
@@ -61,7 +66,7 @@ def test_a_packed_forward_and_backward_reads_the_device_once_per_stack(single_ra
         cfg = tiny_ark_asr()
         cfg.encoder.num_layers = cfg.decoder.num_layers = layers
         model = AudioLM(cfg)
-        batch = packed_batch(make_utterances(cfg, [64, 47, 79], [5, 11, 2], seed=0))
+        batch = packed_on(next(model.parameters()).device, cfg)
         reads.clear()
         logits = model(batch["input_ids"], batch["audio_features"], cu_seqlens=batch["cu_seqlens"])
         logits.square().mean().backward()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from opd_setup import ROOT
 
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
@@ -24,7 +25,17 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     assert all(p["status"] == "ok" for p in parts.values()), parts
     assert parts["kernels"]["figures"]["tests"] > 0 and parts["kernels"]["figures"]["failures"] == 0
     assert parts["trainer"]["figures"]["passed"] is True
-    assert parts["bench_opd"]["figures"]["losses_agree"] is True
+    # the loss head's fused path (the kernels, interpreted) against the naive one
+    bench = parts["bench_kernels"]["figures"]
+    assert bench["loss_naive"] == pytest.approx(bench["loss_fused"], rel=1e-5)
+    assert bench["hidden_grad_rel_diff"] < 1e-5
+    assert bench["union_kl_rows"] == 64 and bench["union_kl_gbps"] > 0
+    # our OPD loss on a shared rollout equals the authors' way (transformers models with the
+    # same weights, full logits, a per-position Python union)
+    bench = parts["bench_opd"]["figures"]
+    assert bench["losses_agree"] is True
+    assert bench["shared_rollout_loss_ours"] == pytest.approx(bench["shared_rollout_loss_baseline"],
+                                                              rel=1e-4)
     assert parts["decode"]["figures"]["decode_tokens_per_s"] > 0
     assert parts["sft"]["figures"]["model_tflop_per_step"] > 0
     assert {"torch", "triton", "megatron-core", "transformer-engine"} <= set(report["versions"])
