@@ -20,7 +20,10 @@ def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys():
     keys, values = (torch.randn(b, groups, max_len, hn, generator=gen) for _ in range(2))
     blocked = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
     blocked[:, ..., 0] = False  # every row keeps a key
-    got = cached_attention(query, keys, values, attention_bias(blocked, query.dtype), None)
+    bias = attention_bias(blocked, query.dtype)
+    # rows 16-aligned at 11 keys: CUDA's memory-efficient attention would copy it otherwise
+    assert bias.shape == blocked.shape and all(st % 16 == 0 for st in bias.stride()[:-1])
+    got = cached_attention(query, keys, values, bias, None)
     # each query head h reads key group h // (heads / groups), as repeat_interleave expands it
     per_group = heads // groups
     ref = F.scaled_dot_product_attention(
@@ -31,8 +34,7 @@ def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys():
     # a masked key changes nothing, whatever it holds
     row, pos = blocked[:, 0, 0].nonzero()[0].tolist()
     keys[row, :, pos] = 1e4
-    assert torch.allclose(cached_attention(query, keys, values, attention_bias(blocked, query.dtype),
-                                           None), got, atol=1e-6)
+    assert torch.allclose(cached_attention(query, keys, values, bias, None), got, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

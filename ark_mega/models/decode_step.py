@@ -141,9 +141,13 @@ class DecodeStep:
 
 def attention_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask (0, or -inf where `blocked`) that SDPA would make from a boolean one in
-    every layer (two kernels each): made once per step."""
-    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(
-        blocked, float("-inf"))
+    every layer (two kernels each): made once per step. Its rows are allocated 16-aligned and
+    viewed at the keys' length: torch's memory-efficient CUDA attention copies a bias whose
+    strides are not multiples of 8 into an aligned one, again in every layer."""
+    length = blocked.shape[-1]
+    rows = torch.zeros(*blocked.shape[:-1], -(-length // 16) * 16, dtype=dtype,
+                       device=blocked.device)
+    return rows[..., :length].masked_fill_(blocked, float("-inf"))
 
 
 def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
