@@ -114,25 +114,25 @@ class DecodeStep:
 
     def _forward(self) -> torch.Tensor:
         hidden = self.input
-        bias = attention_bias(self.key_padded | (self.key_positions > self.position),
+        mask = attention_bias(self.key_padded | (self.key_positions > self.position),
                               self.input.dtype)
         with get_fp8_context(self.config) if self.config.fp8 else contextlib.nullcontext():
             for layer, cache in zip(self.layers, self.caches):
-                hidden = self._layer(layer, hidden, cache, bias)
+                hidden = self._layer(layer, hidden, cache, mask)
         self.position.add_(1)
         if self.final_norm is None:
             return hidden
         hidden = self.final_norm(hidden)
         return self.model.logits(hidden)[0]
 
-    def _layer(self, layer, hidden, cache, bias):
+    def _layer(self, layer, hidden, cache, mask):
         attention = layer.self_attention
         query, key, value = attention.get_query_key_value_tensors(
             layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
         keys, values = cache
         query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
                                 impl=self.rope_impl)
-        context = cached_attention(query, keys, values, bias, self.config.softmax_scale)
+        context = cached_attention(query, keys, values, mask, self.config.softmax_scale)
         out, bias = attention.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
         out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
