@@ -59,7 +59,8 @@ def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: i
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
         bf16=dtype == torch.bfloat16, params_dtype=dtype,
         use_distributed_optimizer=distributed), [ddp])
-    if torch.cuda.is_available() if o.fused is None else o.fused:
+    fused = torch.cuda.is_available() if o.fused is None else o.fused
+    if fused:
         for inner in optimizer.chained_optimizers:
             for group in inner.optimizer.param_groups:
                 group.update(fused=True, foreach=False)
