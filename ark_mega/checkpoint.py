@@ -107,6 +107,36 @@ def _prepare_optimizer_for_load(optimizer) -> None:
     _keep_adam_step_on_load()
 
 
+# How a torch optimizer computes its step, not what it computes. `load_state_dict` takes these
+# from the checkpoint's param groups like the hyperparameters: a run resumed with another
+# `optim.fused` would silently compute as the saved run did.
+ADAM_FORM = ("fused", "foreach", "capturable")
+
+
+def _torch_optimizers(optimizer):
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _adam_form(optimizer) -> list[list[dict]]:
+    return [[{k: g[k] for k in ADAM_FORM if k in g} for g in opt.param_groups]
+            for opt in _torch_optimizers(optimizer)]
+
+
+def _set_adam_form(optimizer, form: list[list[dict]]) -> None:
+    """Back to this run's form, each `step` where that form keeps it (as torch's own load
+    would put it): a fused or capturable step reads it on the parameter's device, the others
+    on the host."""
+    for opt, groups in zip(_torch_optimizers(optimizer), form):
+        for group, options in zip(opt.param_groups, groups):
+            group.update(options)
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if "step" in state:
+                    device = p.device if on_device else torch.device("cpu")
+                    state["step"] = state["step"].to(device, torch.float32)
+
+
 def _keep_adam_step_on_load() -> None:
     """Two faults of megatron-core 0.16's distributed optimizer with torch's Adam (no TE or
     apex) at load: it restores `step` as ONE tensor shared by all parameters, which Adam then
@@ -214,7 +244,9 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
     model.load_state_dict(state["model"], strict=strict)
     if optimizer is None:
         return {}
+    form = _adam_form(optimizer)
     optimizer.load_state_dict(state["optimizer"])
+    _set_adam_form(optimizer, form)
     rank_file = _rank_file(path)
     if not os.path.isfile(rank_file):
         raise FileNotFoundError(f"{path} has no state for rank {dist.get_rank()}: it was saved "

@@ -138,6 +138,31 @@ def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, gpu_op
     assert bool(fused_calls) == gpu_optimizer
 
 
+@pytest.mark.parametrize("saved,resumed", [(False, True), (True, False)])
+def test_a_resumed_run_computes_adam_as_configured(single_rank, tmp_path, tok_file, monkeypatch,
+                                                   saved, resumed):
+    """torch takes `fused` / `foreach` from a checkpoint's param groups like hyperparameters: a
+    run resumed with another optim.fused must still run the form it is configured with."""
+    from ark_mega.opd.trainer import Trainer
+
+    def trainer(steps, fused):
+        return Trainer(load_config(None, run_overrides(
+            tmp_path, tok_file, tmp_path / "run", steps=steps, dtype="bf16",
+            **{"optim.distributed": True, "optim.fused": fused})))
+
+    trainer(2, saved).run()
+    fused_calls = []
+    fused_adamw = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: fused_calls.append(1) or
+                        fused_adamw(*a, **k))
+    resumed_run = trainer(4, resumed)
+    resumed_run.run()
+    groups = resumed_run.optimizer.chained_optimizers[0].optimizer.param_groups
+    assert [bool(g["fused"]) for g in groups] == [resumed] * len(groups)
+    assert bool(fused_calls) == resumed
+    assert losses(tmp_path / "run").keys() == {1, 2, 3, 4}
+
+
 def test_td_then_opd_stages(single_rank, tmp_path, tok_file):
     from ark_mega.opd.trainer import Trainer
 
