@@ -48,9 +48,12 @@ def test_packed_rope_in_the_core_attention_equals_megatrons(single_rank, dtype):
         logits.float().square().mean().backward()
         return [t.float().cpu() for t in (logits, *(p.grad for p in model.parameters()))]
 
-    tol = 0.0 if dev.type == "cpu" else 1e-4 if dtype == torch.float32 else 3e-2
     for ours, theirs in zip(run(True), run(False)):
-        assert (ours - theirs).abs().max() <= tol * theirs.abs().max()
+        if dev.type == "cpu":
+            assert torch.equal(ours, theirs)
+        else:  # relative to the tensor's norm: bf16 rounding moves single small entries far
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            assert (ours - theirs).norm() <= tol * theirs.norm()
 
 
 def test_a_packed_forward_and_backward_reads_the_device_once_per_stack(single_rank, monkeypatch):
