@@ -5,6 +5,7 @@ import torch
 
 from ark_mega.data import PromptBuilder
 from ark_mega.config import GenerationConfig
+from ark_mega.kernels import UnionSupport
 from ark_mega.opd.generate import generate
 from ark_mega.opd.scoring import packed
 from ark_mega.opd.token_map import TokenMap, align_by_characters, byte_spans
@@ -209,3 +210,36 @@ def test_agreement_metrics_on_a_known_union():
     # teacher mass inside the union: row 0 {5, 7, 9}: 0.6 + 0.3 + 0.05; row 1 {1, 2, 3}: 0.5 + 0.4 + 0.01
     assert m["teacher_mass"].item() == pytest.approx((0.95 + 0.91) / 2, rel=1e-6)
     assert 0 < m["kl_p50"] <= m["kl_p90"] <= m["kl_max"]
+
+
+def test_agreement_quantiles_cover_the_counted_rows_without_reading_the_device(monkeypatch):
+    """The KL quantiles over the rows the loss counts (at least two valid ids), as selecting
+    those rows would give them, with no host read of a device tensor (it would wait for the
+    GPU between the student's forward and backward); zeros when no row counts."""
+    from ark_mega.kernels.union_kl import union_kl_rows
+    from ark_mega.opd.steps import agreement
+
+    gen = torch.Generator().manual_seed(0)
+    n, u = 40, 6
+    logits = torch.randn(n, u, generator=gen)
+    valid = torch.rand(n, u, generator=gen) < 0.5
+    valid[:5] = False  # rows the loss does not count
+    valid[5:, :2] = True
+    union = UnionSupport(torch.arange(n * u).reshape(n, u).where(valid, -1), valid,
+                         torch.randn(n, u, generator=gen).log_softmax(-1).where(valid, 0.0),
+                         valid.sum(1).float().mean())
+    kl, counted = union_kl_rows(logits, union.teacher_scores, valid, 1.0)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _m=method, **k:
+                            reads.append(1) or _m(self, *a, **k))
+    m = agreement(logits, union, union.ids, tau=1.0)
+    assert not reads
+    monkeypatch.undo()
+    ref = torch.quantile(kl[counted], torch.tensor([0.5, 0.9]))
+    assert torch.equal(torch.stack([m["kl_p50"], m["kl_p90"]]), ref)
+    assert torch.equal(m["kl_max"], kl[counted].max())
+    none = UnionSupport(union.ids, torch.zeros_like(valid), union.teacher_scores, union.vuss)
+    m = agreement(logits, none, union.ids, tau=1.0)
+    assert [m[k].item() for k in ("kl_p50", "kl_p90", "kl_max")] == [0.0, 0.0, 0.0]

@@ -149,13 +149,19 @@ def agreement(student_logits: torch.Tensor, union, student_topk: torch.Tensor,
     per-position KL over the positions the loss counts."""
     with torch.no_grad():
         kl, counted = union_kl_rows(student_logits.float(), union.teacher_scores, union.valid, tau)
-        kl = kl[counted] if counted.any() else kl.new_zeros(1)
         mass = union.teacher_scores.float().exp().masked_fill(~union.valid, 0.0).sum(-1)
         teacher_top = union.ids[:, 0]
         agree = ((teacher_top == student_topk[:, 0]) & (teacher_top >= 0)).float()
-        q = torch.quantile(kl, torch.tensor([0.5, 0.9], device=kl.device))
-        return {"teacher_mass": mass.mean(), "top1_agree": agree.mean(), "kl_p50": q[0],
-                "kl_p90": q[1], "kl_max": kl.max()}
+        # over the counted rows without selecting them (a selection, or a tensor of quantiles
+        # made on the host, waits for the GPU between the student's forward and backward);
+        # 0 when no row counts
+        some = counted.any()
+        p50, p90 = (torch.nanquantile(kl.masked_fill(~counted, float("nan")), q)
+                    for q in (0.5, 0.9))
+        top = kl.masked_fill(~counted, float("-inf")).max()
+        return {"teacher_mass": mass.mean(), "top1_agree": agree.mean(),
+                "kl_p50": torch.where(some, p50, 0.0), "kl_p90": torch.where(some, p90, 0.0),
+                "kl_max": torch.where(some, top, 0.0)}
 
 
 def _answer_positions(prompt, answer: list[int]) -> list[int]:
