@@ -151,3 +151,20 @@ def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None 
     inside = (student_ids >= 0) & (student_ids < v_total)
     at = (run.at - run.lse[:, None]).masked_fill(~inside, float("-inf"))
     return TeacherTopK(run.ids, run.vals - run.lse[:, None], at)
+
+
+def vocab_topk(k: int, logits: torch.Tensor, vocab_start: int = 0, tp_group=None,
+               blocked: torch.Tensor | None = None) -> torch.Tensor:
+    """Global ids [N, k] of the k largest of vocab-parallel `logits` [N, V_local] (the shard
+    starts at `vocab_start`; `blocked`: bool [V_local], ids never taken), best first: what a
+    greedy decoding step needs, without the log-probabilities (no logsumexp pass)."""
+    vals, ids = _without(logits, blocked).topk(k, dim=-1)
+    ids = ids + vocab_start
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        size = dist.get_world_size(tp_group)
+        all_vals = [torch.empty_like(vals) for _ in range(size)]
+        all_ids = [torch.empty_like(ids) for _ in range(size)]
+        dist.all_gather(all_vals, vals.contiguous(), group=tp_group)
+        dist.all_gather(all_ids, ids.contiguous(), group=tp_group)
+        ids = _top_of(torch.cat(all_vals, 1), torch.cat(all_ids, 1), k)[1]
+    return ids

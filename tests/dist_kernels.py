@@ -18,6 +18,7 @@ from ark_mega.distributed import ParallelConfig, init_parallel  # noqa: E402
 from dist_common import finish  # noqa: E402
 from ark_mega.cross_entropy import linear_cross_entropy  # noqa: E402
 from ark_mega.kernels import sparse_lm_head, teacher_topk  # noqa: E402
+from ark_mega.kernels.teacher_topk import vocab_topk  # noqa: E402
 
 N, H, V, K = 13, 24, 64, 8
 
@@ -75,6 +76,15 @@ def main() -> int:
         err = max((one.logprobs - two.logprobs).abs().max().item(),
                   (one.logprobs_at_student - two.logprobs_at_student).abs().max().item())
         results[name] = err if same_ids else float("inf")
+
+    # greedy decoding's top-k ids (blocked ids never taken): the shards' merge is the whole's
+    blocked = torch.zeros(V, dtype=torch.bool)
+    blocked[::5] = True
+    whole = (vocab_topk(K, logits, blocked=blocked), logits.masked_fill(blocked, float("-inf")))
+    two = vocab_topk(K, logits[:, start:start + v_local], start, group,
+                     blocked[start:start + v_local])
+    results["vocab_topk"] = 0.0 if (torch.equal(whole[0], two) and
+                                    torch.equal(whole[0], whole[1].topk(K).indices)) else float("inf")
 
     ok = all(e <= 1e-5 for e in results.values())
     if rank == 0:

@@ -22,6 +22,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from ..config import GenerationConfig
 from ..distributed import vocab_shard
 from ..kernels import teacher_topk
+from ..kernels.teacher_topk import vocab_topk
 from ..models.audio_lm import AudioLM
 from ..models.decode_step import DecodeStep
 
@@ -72,12 +73,13 @@ def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationCon
           gen: torch.Generator):
     """Next tokens [b] and the top-k ids [b, k] from this rank's vocabulary shard [b, V/tp]."""
     shard = vocab_shard(logits.shape[-1])
+    blocked = None if blocked is None else shard.local(blocked)
+    if cfg.greedy:  # contiguous: the tokens are broadcast to the other pipeline stages
+        ids = vocab_topk(cfg.top_k, logits, shard.start, shard.group, blocked)
+        return ids[:, 0].contiguous(), ids
     empty = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=shard.start,
-                       blocked=None if blocked is None else shard.local(blocked),
-                       tp_group=shard.group)
-    if cfg.greedy:  # contiguous: the tokens are broadcast to the other pipeline stages
-        return top.ids[:, 0].contiguous(), top.ids
+                       blocked=blocked, tp_group=shard.group)
     probs = torch.softmax(top.logprobs / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         before = probs.cumsum(-1) - probs
