@@ -83,8 +83,8 @@ def main() -> int:
     whole = (vocab_topk(K, logits, blocked=blocked), logits.masked_fill(blocked, float("-inf")))
     two = vocab_topk(K, logits[:, start:start + v_local], start, group,
                      blocked[start:start + v_local])
-    results["vocab_topk"] = 0.0 if (torch.equal(whole[0], two) and
-                                    torch.equal(whole[0], whole[1].topk(K).indices)) else float("inf")
+    same = torch.equal(whole[0], two) and torch.equal(whole[0], whole[1].topk(K).indices)
+    results["vocab_topk"] = 0.0 if same else float("inf")
 
     ok = all(e <= 1e-5 for e in results.values())
     if rank == 0:

@@ -38,7 +38,8 @@ class PackedSegments(PackedSeqParams):
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def with_rotary(segments: PackedSegments, freqs: torch.Tensor, dtype: torch.dtype) -> PackedSegments:
+def with_rotary(segments: PackedSegments, freqs: torch.Tensor,
+                dtype: torch.dtype) -> PackedSegments:
     """`segments` carrying the RoPE tables of megatron's angles `freqs` [max_len, 1, 1, rot] at
     each token's position within its segment, for `SDPACoreAttention` to apply (the model then
     passes no rotary embedding to megatron's attention)."""
