@@ -103,6 +103,16 @@ def _top_of(vals, ids, k):
     return top, ids.gather(1, pick)
 
 
+def _top_across(vals, ids, k, group):
+    """The top k (values, global ids) over every rank's k candidates [N, k] in `group`."""
+    size = dist.get_world_size(group)
+    all_vals = [torch.empty_like(vals) for _ in range(size)]
+    all_ids = [torch.empty_like(ids) for _ in range(size)]
+    dist.all_gather(all_vals, vals.contiguous(), group=group)
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    return _top_of(torch.cat(all_vals, 1), torch.cat(all_ids, 1), k)
+
+
 def logsumexp_across(lse: torch.Tensor, group) -> torch.Tensor:
     """Row logsumexps over the whole vocabulary from each rank's over its shard [N]."""
     parts = [torch.empty_like(lse) for _ in range(dist.get_world_size(group))]
@@ -137,15 +147,10 @@ def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None 
                     vocab_start + c0, student_ids, impl)
 
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        size = dist.get_world_size(tp_group)
-        vals = [torch.empty_like(run.vals) for _ in range(size)]
-        ids = [torch.empty_like(run.ids) for _ in range(size)]
-        dist.all_gather(vals, run.vals, group=tp_group)
-        dist.all_gather(ids, run.ids, group=tp_group)
         dist.all_reduce(run.at, group=tp_group)
         run.lse = logsumexp_across(run.lse, tp_group)
-        run.vals, run.ids = _top_of(torch.cat(vals, 1), torch.cat(ids, 1), k)
-        v_total = v_local * size
+        run.vals, run.ids = _top_across(run.vals, run.ids, k, tp_group)
+        v_total = v_local * dist.get_world_size(tp_group)
     else:
         v_total = v_local
     inside = (student_ids >= 0) & (student_ids < v_total)
@@ -161,10 +166,5 @@ def vocab_topk(k: int, logits: torch.Tensor, vocab_start: int = 0, tp_group=None
     vals, ids = _without(logits, blocked).topk(k, dim=-1)
     ids = ids + vocab_start
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        size = dist.get_world_size(tp_group)
-        all_vals = [torch.empty_like(vals) for _ in range(size)]
-        all_ids = [torch.empty_like(ids) for _ in range(size)]
-        dist.all_gather(all_vals, vals.contiguous(), group=tp_group)
-        dist.all_gather(all_ids, ids.contiguous(), group=tp_group)
-        ids = _top_of(torch.cat(all_vals, 1), torch.cat(all_ids, 1), k)[1]
+        ids = _top_across(vals, ids, k, tp_group)[1]
     return ids
