@@ -6,10 +6,11 @@ importable as a top-level `kernels`: transformers probes for an unrelated PyPI p
 name.
 """
 
+from ._backend import compiled_only
 from .sparse_lm_head import sparse_lm_head
 from .teacher_topk import TeacherTopK, teacher_topk
 from .union_kl import union_kl
 from .union_support import UnionSupport, union_support
 
-__all__ = ["sparse_lm_head", "teacher_topk", "TeacherTopK", "union_kl", "union_support",
-           "UnionSupport"]
+__all__ = ["compiled_only", "sparse_lm_head", "teacher_topk", "TeacherTopK", "union_kl",
+           "union_support", "UnionSupport"]

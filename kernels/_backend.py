@@ -23,6 +23,13 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda or interpreting()
 
 
+def compiled_only(tensor: torch.Tensor) -> str:
+    """The impl for a kernel that runs inside whole models: the kernel on a GPU, the reference
+    elsewhere, also under the interpreter (one program per token or row, head, layer and step
+    is too slow there; tests/test_kernels.py checks the kernels themselves)."""
+    return "triton" if tensor.is_cuda else "torch"
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

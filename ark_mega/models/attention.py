@@ -24,6 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..kernels import compiled_only
 from ..kernels.rope import packed_rope, rope_tables, tables_at
 
 
@@ -95,9 +96,8 @@ class SDPACoreAttention(MegatronModule):
 
     def _packed(self, query, key, value, params, causal, dropout):
         rotary = getattr(params, "rotary", None)
-        if rotary is not None:  # the kernel on a GPU; on the CPU the reference (megatron's ops)
-            impl = "triton" if query.is_cuda else "torch"
-            query, key = (packed_rope(x, *rotary, impl=impl) for x in (query, key))
+        if rotary is not None:  # on the CPU the reference is megatron's own ops
+            query, key = (packed_rope(x, *rotary, impl=compiled_only(x)) for x in (query, key))
         if getattr(params, "boundaries", None):
             cu_q = cu_k = list(params.boundaries)
         else:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
+from ..kernels import compiled_only
 from ..kernels.decode_rope import rope_into_cache
 from ..kernels.rope import rope_tables
 
@@ -63,10 +64,6 @@ class DecodeStep:
         self.input = torch.zeros(1, b, self.config.hidden_size, device=device,
                                  dtype=self.config.params_dtype)
         self.cuda_graph = cuda_graph and device.type == "cuda"
-        # the kernel on a GPU; on the CPU the reference, also under Triton's interpreter, which
-        # would run one program per row, head, layer and step (tests/test_kernels.py checks
-        # the kernel itself)
-        self.rope_impl = "triton" if device.type == "cuda" else "torch"
         self.graph = self.output = None
         self.calls = 0
 
@@ -131,7 +128,7 @@ class DecodeStep:
             layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
         keys, values = cache
         query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
-                                impl=self.rope_impl)
+                                impl=compiled_only(query))
         context = cached_attention(query, keys, values, mask, self.config.softmax_scale)
         out, bias = attention.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
