@@ -25,6 +25,18 @@ def single_rank():
     yield
 
 
+@pytest.fixture
+def host_reads(monkeypatch):
+    """The names of the tensor methods that read values on the host, appended as they are
+    called (on a GPU each such read waits for the device)."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _m=method, _n=name, **k:
+                            reads.append(_n) or _m(self, *a, **k))
+    return reads
+
+
 def load_tool(name: str):
     """tools/<name>.py as a module, to call its functions in-process (a subprocess would pay the
     imports each time)."""

@@ -101,19 +101,24 @@ def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.fixture
+def fused_adamw_calls(monkeypatch):
+    """One entry per call of torch's fused AdamW kernel."""
+    calls = []
+    fused_adamw = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or
+                        fused_adamw(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("dtype,gpu_optimizer,micro", [("fp32", False, 1), ("bf16", True, 1),
                                                        ("fp32", False, 2)])
 def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, gpu_optimizer, micro,
-                                  monkeypatch):
+                                  fused_adamw_calls):
     """Also in bf16 with the GPU's optimizer: megatron's distributed optimizer (its checkpoint
     format, its fresh state at load, torch Adam's step) running torch's fused AdamW; and with
     two micro-batches a step (the data position counts micro-batches; 5 steps cross an epoch)."""
     from ark_mega.opd.trainer import Trainer
-
-    fused_calls = []
-    fused_adamw = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: fused_calls.append(1) or
-                        fused_adamw(*a, **k))
 
     def run(out, steps):
         Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / out, steps=steps,
@@ -135,12 +140,12 @@ def test_resume_continues_bitwise(single_rank, tmp_path, tok_file, dtype, gpu_op
     assert tensorboard_steps(tmp_path / "b", "run/loss") == [1, 2, 3, 4, 5]  # step 3 purged once
     assert [a[s] for s in (3, 4, 5)] == [b[s] for s in (3, 4, 5)]  # bitwise equal
     assert a[5] < a[1]
-    assert bool(fused_calls) == gpu_optimizer
+    assert bool(fused_adamw_calls) == gpu_optimizer
 
 
 @pytest.mark.parametrize("saved,resumed", [(False, True), (True, False)])
-def test_a_resumed_run_computes_adam_as_configured(single_rank, tmp_path, tok_file, monkeypatch,
-                                                   saved, resumed):
+def test_a_resumed_run_computes_adam_as_configured(single_rank, tmp_path, tok_file,
+                                                   fused_adamw_calls, saved, resumed):
     """torch takes `fused` / `foreach` from a checkpoint's param groups like hyperparameters: a
     run resumed with another optim.fused must still run the form it is configured with."""
     from ark_mega.opd.trainer import Trainer
@@ -151,15 +156,12 @@ def test_a_resumed_run_computes_adam_as_configured(single_rank, tmp_path, tok_fi
             **{"optim.distributed": True, "optim.fused": fused})))
 
     trainer(2, saved).run()
-    fused_calls = []
-    fused_adamw = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: fused_calls.append(1) or
-                        fused_adamw(*a, **k))
+    fused_adamw_calls.clear()  # the resumed run's calls only
     resumed_run = trainer(4, resumed)
     resumed_run.run()
     groups = resumed_run.optimizer.chained_optimizers[0].optimizer.param_groups
     assert [bool(g["fused"]) for g in groups] == [resumed] * len(groups)
-    assert bool(fused_calls) == resumed
+    assert bool(fused_adamw_calls) == resumed
     assert losses(tmp_path / "run").keys() == {1, 2, 3, 4}
 
 
