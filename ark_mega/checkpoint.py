@@ -17,6 +17,7 @@ import shutil
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint import CheckpointException
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -196,6 +197,32 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
     return final
 
 
+def _check_model_matches(path: str, model_sd: dict, saved: dict) -> None:
+    """Name the tensors a checkpoint lacks, or holds at another shape, before megatron's load
+    fails on the first of them with every key of the checkpoint in one line."""
+    missing, reshaped = [], []
+    for k, t in model_sd.items():
+        key = getattr(t, "key", k)
+        if not isinstance(t, ShardedTensor):  # extra state, factories: megatron checks them
+            continue
+        if key not in saved:
+            missing.append(key)
+        elif tuple(saved[key].global_shape) != tuple(t.global_shape):
+            reshaped.append(f"{key} {tuple(saved[key].global_shape)} (model "
+                            f"{tuple(t.global_shape)})")
+    if not missing and not reshaped:
+        return
+    try:
+        cfg = model_config(path)
+        held = f"holds a model of family {cfg.family}"
+    except FileNotFoundError:
+        held = "has no model.json"
+    parts = [f"{what} {len(keys)} of the model's tensors, e.g. {', '.join(keys[:3])}"
+             for what, keys in (("lacks", missing), ("holds at another shape", reshaped)) if keys]
+    raise ValueError(f"checkpoint {path} does not match the model it is loaded into: it {held}, "
+                     f"and {'; it '.join(parts)}")
+
+
 def _cause(e: BaseException) -> str:
     """The first OS error (e.g. no space left on device) behind a failed save, else the
     innermost error's first line (torch's writer reports a full disk as a RuntimeError)."""
@@ -228,15 +255,14 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
     if optimizer is not None:
         _prepare_optimizer_for_load(optimizer)
     sharded = _sharded(model, optimizer, scheduler, loading=True)
-    absent = []
-    if optional:
-        if optimizer is not None:
-            raise ValueError("optional tensors are for loading weights only, not for a resume")
-        saved = dist_checkpointing.load_tensors_metadata(path)
-        absent = [k for k, t in sharded["model"].items()
-                  if k.startswith(optional) and getattr(t, "key", k) not in saved]
-        for k in absent:
-            del sharded["model"][k]
+    if optional and optimizer is not None:
+        raise ValueError("optional tensors are for loading weights only, not for a resume")
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    absent = [k for k, t in sharded["model"].items()
+              if k.startswith(optional) and getattr(t, "key", k) not in saved]
+    for k in absent:
+        del sharded["model"][k]
+    _check_model_matches(path, sharded["model"], saved)
     state = dist_checkpointing.load(sharded, path)
     if absent:
         own = model.state_dict()

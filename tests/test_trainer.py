@@ -54,6 +54,25 @@ def test_opd_step_at_pp2_equals_pp1(single_rank, tmp_path):
     assert metrics["positions"] == record["positions"]
 
 
+def test_a_checkpoint_of_another_model_is_named_with_what_differs(single_rank, tmp_path):
+    from ark_mega.models import AudioLM
+
+    sp = PromptBuilder.student(tokenizer())
+    checkpoint.save(str(tmp_path / "qwen3"), 1, model("tiny_qwen3_asr", sp, seed=0))
+    student = model("tiny_ark_asr", sp, seed=0)
+    with pytest.raises(ValueError, match=r"qwen3.step_000001 does not match the model it is "
+                       r"loaded into: it holds a model of family qwen3_asr, and lacks \d+ of the model's "
+                       r"tensors, e.g. encoder.conv1.weight"):
+        checkpoint.load(str(tmp_path / "qwen3"), student)
+    checkpoint.save(str(tmp_path / "ark"), 1, student)
+    cfg = student.cfg
+    cfg.decoder.vocab_size = VOCAB + 16
+    with pytest.raises(ValueError, match=rf"family ark_asr, and holds at another shape 1 "
+                       rf"of the model's tensors, e.g. gpt.embedding.word_embeddings.weight "
+                       rf"\({VOCAB}, \d+\) \(model \({VOCAB + 16}, \d+\)\)"):
+        checkpoint.load(str(tmp_path / "ark"), AudioLM(cfg))
+
+
 def small_manifest(tmp_path, n, split="train"):
     src = os.path.join(ROOT, "examples", "data", f"{split}.jsonl")
     rows = [json.loads(line) for line in open(src, encoding="utf-8")]
