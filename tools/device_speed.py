@@ -31,6 +31,16 @@ def timed(fn, device: torch.device, reps: int = 2) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built so far in this process. On a GPU megatron's fused
+    bias-dropout-add and SwiGLU are compiled, again for each new shape until torch marks the
+    changing sizes dynamic: a benchmark whose timed region changes shapes reports how many
+    compiles fell inside it."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def peak_mib(fn, device: torch.device) -> float:
     """Peak memory fn() allocates above what is allocated before it (NaN on the CPU)."""
     if device.type != "cuda":
