@@ -32,20 +32,31 @@ from ..kernels.rope import packed_rope, rope_tables, tables_at
 class PackedSegments(PackedSeqParams):
     """megatron's THD description, with the segment boundaries also on the host: read once per
     forward, not once per layer (each read waits for the GPU). With `rotary` (per-token cos and
-    sin [t, rot], from `with_rotary`) the core attention applies RoPE to its queries and keys:
+    sin [t, rot], from `rope_inputs`) the core attention applies RoPE to its queries and keys:
     megatron's packed RoPE would read the boundaries to the host again in every layer."""
 
     boundaries: tuple[int, ...] = ()
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def with_rotary(segments: PackedSegments, freqs: torch.Tensor,
-                dtype: torch.dtype) -> PackedSegments:
-    """`segments` carrying the RoPE tables of megatron's angles `freqs` [max_len, 1, 1, rot] at
-    each token's position within its segment, for `SDPACoreAttention` to apply (the model then
-    passes no rotary embedding to megatron's attention)."""
-    return dataclasses.replace(segments, rotary=tables_at(*rope_tables(freqs, dtype),
-                                                          segments.boundaries))
+def rope_inputs(segments: PackedSegments | None, freqs: torch.Tensor, dtype: torch.dtype,
+                in_core_attention: bool) -> tuple[PackedSegments | None, torch.Tensor | None]:
+    """A megatron block's `packed_seq_params` and `rotary_pos_emb` for RoPE angles `freqs`
+    [max_len, 1, 1, rot]. Packed input whose core attention is `SDPACoreAttention`
+    (`in_core_attention`): the segments carry the cos / sin tables at each token's position
+    within its segment, and megatron's attention gets no angles. Otherwise megatron's attention
+    rotates (TE's core attention takes queries and keys rotated)."""
+    if segments is None or not in_core_attention:
+        return segments, freqs
+    tables = tables_at(*rope_tables(freqs, dtype), segments.boundaries)
+    return dataclasses.replace(segments, rotary=tables), None
+
+
+def rope_in_core_attention(block) -> bool:
+    """Whether every layer of megatron TransformerBlock `block` has our core attention, which
+    applies RoPE to packed queries and keys itself."""
+    return all(isinstance(layer.self_attention.core_attention, SDPACoreAttention)
+               for layer in block.layers)
 
 
 class SDPACoreAttention(MegatronModule):

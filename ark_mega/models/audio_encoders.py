@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from ..audio_tokens import aut_audio_tokens, conv_stack_length
-from .attention import PackedSegments, with_rotary
+from .attention import PackedSegments, rope_in_core_attention, rope_inputs
 from .config import AuTEncoderConfig, WhisperEncoderConfig
 from .specs import encoder_layer_spec
 
@@ -70,7 +70,6 @@ class WhisperEncoder(MegatronModule):
                  use_te: bool = False):
         super().__init__(config=config)
         self.cfg = cfg
-        self.rope_in_core_attention = not use_te  # as AudioLM's
         h = cfg.hidden_size
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, h, kernel_size=3, padding=1, dtype=config.params_dtype)
         self.conv2 = nn.Conv1d(h, h, kernel_size=3, stride=2, padding=1, dtype=config.params_dtype)
@@ -81,6 +80,7 @@ class WhisperEncoder(MegatronModule):
         # post_process=True gives the block a final LayerNorm: that is the adapter's LayerNorm.
         self.block = TransformerBlock(config=config, spec=encoder_layer_spec(False, use_te),
                                       pre_process=True, post_process=True)
+        self.rope_in_core_attention = rope_in_core_attention(self.block)  # local even with TE
         merged = h * cfg.merge_factor
         self.adapter = MLPProjector(config, merged, 2 * decoder_hidden, decoder_hidden)
 
@@ -102,9 +102,8 @@ class WhisperEncoder(MegatronModule):
             raise ValueError(f"audio of {max(frames_in)} mel frames gives {max(lengths)} encoder "
                              f"frames; the encoder takes at most {self.cfg.max_frames} (30 s)")
         frames = torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
-        packed, rotary = _packed(lengths, device), self.rotary(max(lengths))
-        if self.rope_in_core_attention:
-            packed, rotary = with_rotary(packed, rotary, self.config.params_dtype), None
+        packed, rotary = rope_inputs(_packed(lengths, device), self.rotary(max(lengths)),
+                                     self.config.params_dtype, self.rope_in_core_attention)
         hidden = self.block(frames.unsqueeze(1), attention_mask=None, rotary_pos_emb=rotary,
                             packed_seq_params=packed)[:, 0]
         merged, counts, start = [], [], 0

@@ -18,7 +18,7 @@ from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
-from .attention import with_rotary
+from .attention import rope_in_core_attention, rope_inputs
 from .audio_encoders import packed_seq_params
 from .config import AudioLMConfig
 from .megatron_config import decoder_config, encoder_config
@@ -42,9 +42,6 @@ class AudioLM(MegatronModule):
             post_process = parallel_state.is_pipeline_last_stage()
         self.cfg = cfg
         self.transformer_impl = "transformer_engine" if use_te else "local"  # what was built
-        # packed input: RoPE applied by our core attention (local layers) or by megatron's
-        # attention (TE's core attention takes it rotated)
-        self.rope_in_core_attention = not use_te
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
@@ -68,6 +65,7 @@ class AudioLM(MegatronModule):
             position_embedding_type="rope",
             rotary_base=dec.rotary_base,
         )
+        self.rope_in_core_attention = rope_in_core_attention(self.gpt.decoder)  # local layers
         # megatron's norm wrappers ignore params_dtype and make fp32 weights: a bf16 model would
         # then mix dtypes, which the optimizers' checkpoints cannot shard (and torch's fused
         # RMSNorm refuses, falling back to fp32 intermediates)
@@ -128,9 +126,8 @@ class AudioLM(MegatronModule):
             rope_len = packed.max_seqlen_q
         else:
             rope_len = input_ids.shape[1] if input_ids is not None else self._input_len()
-        rotary = self.gpt.rotary_pos_emb(rope_len)
-        if packed is not None and self.rope_in_core_attention:
-            packed, rotary = with_rotary(packed, rotary, self.config.params_dtype), None
+        packed, rotary = rope_inputs(packed, self.gpt.rotary_pos_emb(rope_len),
+                                     self.config.params_dtype, self.rope_in_core_attention)
         hidden = self.gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                                   rotary_pos_emb=rotary, packed_seq_params=packed,
                                   inference_context=inference_context)
