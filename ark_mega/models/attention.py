@@ -42,10 +42,10 @@ class PackedSegments(PackedSeqParams):
 def rope_inputs(segments: PackedSegments | None, freqs: torch.Tensor, dtype: torch.dtype,
                 in_core_attention: bool) -> tuple[PackedSegments | None, torch.Tensor | None]:
     """A megatron block's `packed_seq_params` and `rotary_pos_emb` for RoPE angles `freqs`
-    [max_len, 1, 1, rot]. Packed input whose core attention is `SDPACoreAttention`
-    (`in_core_attention`): the segments carry the cos / sin tables at each token's position
+    [max_len, 1, 1, rot]. Packed input whose core attention rotates (`in_core_attention`, from
+    `rope_in_core_attention`): the segments carry the cos / sin tables at each token's position
     within its segment, and megatron's attention gets no angles. Otherwise megatron's attention
-    rotates (TE's core attention takes queries and keys rotated)."""
+    rotates."""
     if segments is None or not in_core_attention:
         return segments, freqs
     tables = tables_at(*rope_tables(freqs, dtype), segments.boundaries)
@@ -53,10 +53,20 @@ def rope_inputs(segments: PackedSegments | None, freqs: torch.Tensor, dtype: tor
 
 
 def rope_in_core_attention(block) -> bool:
-    """Whether every layer of megatron TransformerBlock `block` has our core attention, which
-    applies RoPE to packed queries and keys itself."""
-    return all(isinstance(layer.self_attention.core_attention, SDPACoreAttention)
+    """Whether every layer of megatron TransformerBlock `block` has a core attention that
+    applies RoPE to packed queries and keys itself (`rotate_packed`)."""
+    return all(getattr(layer.self_attention.core_attention, "rotates_packed_queries", False)
                for layer in block.layers)
+
+
+def rotate_packed(query: torch.Tensor, key: torch.Tensor, params: PackedSeqParams | None):
+    """Packed queries and keys rotated by the tables their `PackedSegments` carry (from
+    `rope_inputs`), for a core attention that rotates (`rotates_packed_queries`): one kernel
+    per tensor on a GPU; on the CPU the reference, megatron's own ops."""
+    rotary = getattr(params, "rotary", None)
+    if rotary is None:
+        return query, key
+    return tuple(packed_rope(x, *rotary, impl=compiled_only(x)) for x in (query, key))
 
 
 class SDPACoreAttention(MegatronModule):
@@ -66,6 +76,8 @@ class SDPACoreAttention(MegatronModule):
     -> [s, b, np * hn]; THD q [t, np, hn], k/v [t, ng, hn] -> [t, np * hn].
     `attention_mask` (SBHD only) is megatron's boolean mask: True where attention is *blocked*.
     """
+
+    rotates_packed_queries = True
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
@@ -106,9 +118,7 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _packed(self, query, key, value, params, causal, dropout):
-        rotary = getattr(params, "rotary", None)
-        if rotary is not None:  # on the CPU the reference is megatron's own ops
-            query, key = (packed_rope(x, *rotary, impl=compiled_only(x)) for x in (query, key))
+        query, key = rotate_packed(query, key, params)
         if getattr(params, "boundaries", None):
             cu_q = cu_k = list(params.boundaries)
         else:

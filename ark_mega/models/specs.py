@@ -9,6 +9,7 @@ layer norms (see `te_key`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -22,7 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .attention import QKVLinearWithoutKeyBias, SDPACoreAttention
+from .attention import QKVLinearWithoutKeyBias, SDPACoreAttention, rotate_packed
 
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -82,9 +83,28 @@ def _local_layer(attn_mask_type: AttnMaskType, qk_norm: bool, qkv_linear=ColumnP
     )
 
 
+@functools.cache
+def _te_core_attention() -> type:
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class TEPackedRopeAttention(TEDotProductAttention):
+        """TE's core attention, rotating packed queries and keys first: megatron's packed RoPE
+        (unfused without `apply_rope_fusion`) reads the segment lengths to the host in every
+        layer."""
+
+        rotates_packed_queries = True
+
+        def forward(self, query, key, value, *args, packed_seq_params=None, **kwargs):
+            query, key = rotate_packed(query, key, packed_seq_params)
+            return super().forward(query, key, value, *args,
+                                   packed_seq_params=packed_seq_params, **kwargs)
+
+    return TEPackedRopeAttention
+
+
 def _te_layer(attn_mask_type: AttnMaskType, qk_norm: bool):
     from megatron.core.extensions.transformer_engine import (
-        TEDotProductAttention, TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear,
+        TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear,
     )
 
     return ModuleSpec(
@@ -95,7 +115,7 @@ def _te_layer(attn_mask_type: AttnMaskType, qk_norm: bool):
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=TEDotProductAttention,
+                    core_attention=_te_core_attention(),
                     linear_proj=TERowParallelLinear,
                     q_layernorm=TENorm if qk_norm else IdentityOp,
                     k_layernorm=TENorm if qk_norm else IdentityOp,
