@@ -54,8 +54,13 @@ class DataConfig:
     max_duration: float = 30.0
 
     def __post_init__(self):
-        if self.micro_batches < 1:
-            raise ValueError(f"data.micro_batches must be at least 1, got {self.micro_batches}")
+        for name in ("max_tokens", "micro_batches", "num_buckets"):
+            _check(f"data.{name}", getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        _check("data.num_workers", self.num_workers, self.num_workers >= 0, "at least 0")
+        _check("data.subset", self.subset, 0.0 < self.subset <= 1.0, "in (0, 1]")
+        _check("data.max_skip_fraction", self.max_skip_fraction,
+               0.0 <= self.max_skip_fraction <= 1.0, "in [0, 1]")
+        _check("data.max_duration", self.max_duration, self.max_duration > 0, "positive")
 
 
 @dataclass
@@ -77,8 +82,14 @@ class OptimConfig:
     fused: bool | None = None
 
     def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
+        _check("optim.schedule", self.schedule, self.schedule in ("constant", "cosine"),
+               "constant or cosine")
+        _check("optim.lr", self.lr, self.lr > 0, "positive")
+        for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps"):
+            _check(f"optim.{name}", getattr(self, name), getattr(self, name) >= 0, "at least 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(f"optim.{name}", getattr(self, name), 0.0 <= getattr(self, name) < 1.0,
+                   "in [0, 1)")
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr ({self.min_lr}) is above optim.lr ({self.lr})")
 
@@ -102,6 +113,14 @@ class GenerationConfig:
     # steps, queueing steps ahead of the device in between; 0: 8 on a GPU, 1 on the CPU
     check_every: int = 0
 
+    def __post_init__(self):
+        where = "opd.generation."
+        _check(where + "max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1,
+               "at least 1")
+        _check(where + "temperature", self.temperature, self.temperature > 0, "positive")
+        _check(where + "top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]")
+        _check(where + "check_every", self.check_every, self.check_every >= 0, "at least 0")
+
 
 @dataclass
 class OPDSettings:
@@ -118,6 +137,10 @@ class OPDSettings:
 
     def __post_init__(self):
         check_divergence(self.divergence, self.jsd_beta)
+        _check("opd.top_k", self.top_k, self.top_k >= 1, "at least 1")
+        _check("opd.temperature", self.temperature, self.temperature > 0, "positive")
+        _check("opd.min_token_map_coverage", self.min_token_map_coverage,
+               0.0 <= self.min_token_map_coverage <= 1.0, "in [0, 1]")
         # one distillation width: the rollout keeps the student's top-k for the union
         if self.generation.top_k is None:
             self.generation.top_k = self.top_k
@@ -135,8 +158,7 @@ class SFTSettings:
     ctc_weight: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.ctc_weight < 1.0:
-            raise ValueError(f"sft.ctc_weight must be in [0, 1), got {self.ctc_weight}")
+        _check("sft.ctc_weight", self.ctc_weight, 0.0 <= self.ctc_weight < 1.0, "in [0, 1)")
 
 
 @dataclass
@@ -155,7 +177,7 @@ class RunConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     save_every: int = 100
-    keep_last: int = 3
+    keep_last: int = 3  # 0 keeps every checkpoint
     resume: bool = True  # continue from the newest checkpoint in output_dir
     log_every: int = 1
     max_nonfinite_in_a_row: int = 5
@@ -167,8 +189,13 @@ class RunConfig:
     td_manifest: str | None = None  # TD: where the teacher's transcripts go
 
     def __post_init__(self):
-        if self.stage not in ("sft", "td", "opd"):
-            raise ValueError(f"stage must be sft, td or opd, got {self.stage!r}")
+        _check("stage", self.stage, self.stage in ("sft", "td", "opd"), "sft, td or opd")
+        _check("dtype", self.dtype, self.dtype in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
+        for name in ("steps", "save_every", "log_every", "max_nonfinite_in_a_row",
+                     "eval_batch_tokens"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        for name in ("keep_last", "eval_every"):
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "at least 0")
         if self.stage in ("td", "opd") and self.teacher is None:
             raise ValueError(f"stage {self.stage} needs a teacher model (teacher.preset, "
                              f"teacher.checkpoint)")
@@ -179,6 +206,11 @@ class RunConfig:
                              "and the loss would sit on different pipeline stages)")
         if (self.eval_every or self.keep_best) and not self.data.heldout:
             raise ValueError("eval_every / keep_best need a held-out manifest (data.heldout)")
+
+
+def _check(setting: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{setting} must be {expected}, got {value!r}")
 
 
 def _build(cls, data: dict, where: str):

@@ -49,7 +49,3 @@ def test_layout_gives_the_loss_and_gradients_of_one_process(single_rank, tmp_pat
                               gradients(student))
 
 
-def test_micro_batches_setting_is_checked():
-    assert load_config(None, ["stage=sft", "data.micro_batches=4"]).data.micro_batches == 4
-    with pytest.raises(ValueError, match="micro_batches must be at least 1"):
-        load_config(None, ["stage=sft", "data.micro_batches=0"])
