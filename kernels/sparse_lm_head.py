@@ -79,44 +79,76 @@ def _grad_hidden_kernel(g_ptr, w_ptr, ids_ptr, gh_ptr, u, hdim, vocab_start, v_l
 
 @tuned([triton.Config({"BLOCK_J": j, "BLOCK_H": h}, num_warps=w)
         for j, h, w in ((8, 256, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8),
-                        (32, 128, 4))],
+                        (32, 128, 8))],
        key=["hdim"], interpreted=triton.Config({"BLOCK_J": 16, "BLOCK_H": 32}))
 @triton.jit
-def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, seg_ids_ptr, gw_ptr, u, hdim,
-                        v_local, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program s: the gradient row of segment s's id, the sum of g[p] * hidden[p // u] over the
-    segment's flat positions p (sorted by id), BLOCK_H columns at a time. One program per
-    segment: with random ids most segments hold a few entries, and a grid over column blocks
-    too made ~1.2 M mostly-masked programs (docs/benchmarks.md, run 5)."""
-    seg = tl.program_id(0)
-    row = tl.load(seg_ids_ptr + seg)
-    if row < v_local:  # the last segment may hold the entries this shard does not own
-        start = tl.load(starts_ptr + seg)
-        end = tl.load(starts_ptr + seg + 1)
-        for h0 in range(0, hdim, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            in_h = hs < hdim
-            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for j0 in range(start, end, BLOCK_J):
-                js = j0 + tl.arange(0, BLOCK_J)
-                in_j = js < end
-                p = tl.load(order_ptr + js, mask=in_j, other=0)
-                g = tl.load(g_ptr + p, mask=in_j, other=0.0).to(tl.float32)
-                h = tl.load(h_ptr + (p // u)[:, None] * hdim + hs[None, :],
-                            mask=in_j[:, None] & in_h[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(g[:, None] * h, axis=0)
-            tl.store(gw_ptr + row * hdim + hs, acc.to(gw_ptr.dtype.element_ty), mask=in_h)
+def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, ends_ptr, rows_ptr, out_ptr,
+                        part_ptr, u, hdim, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program i: the sum of g[p] * hidden[p // u] over the sorted flat positions
+    p = order[starts[i]:ends[i]], BLOCK_H columns at a time, into row rows[i] of `out` (a
+    whole segment) or, for rows[i] = -1 - r, row r of the float32 `part` (one piece of a
+    segment split over programs). One program per piece: with random ids most segments hold
+    a few entries, and a grid over column blocks too made ~1.2 M mostly-masked programs
+    (docs/benchmarks.md, run 5)."""
+    i = tl.program_id(0)
+    start = tl.load(starts_ptr + i)
+    end = tl.load(ends_ptr + i)
+    row = tl.load(rows_ptr + i)
+    for h0 in range(0, hdim, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        in_h = hs < hdim
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            in_j = js < end
+            p = tl.load(order_ptr + js, mask=in_j, other=0)
+            g = tl.load(g_ptr + p, mask=in_j, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + (p // u)[:, None] * hdim + hs[None, :],
+                        mask=in_j[:, None] & in_h[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(g[:, None] * h, axis=0)
+        if row >= 0:
+            tl.store(out_ptr + row * hdim + hs, acc.to(out_ptr.dtype.element_ty), mask=in_h)
+        else:
+            tl.store(part_ptr + (-1 - row) * hdim + hs, acc, mask=in_h)
 
 
-def _id_segments(ids, vocab_start: int, v_local: int):
-    """Flat positions sorted by local id, each segment's start (plus the end) and local id;
-    entries this shard does not own sort last under the id v_local."""
+# Entries per program of the weight gradient: a segment longer than this (an id in the union
+# of most rows, e.g. the stop token) is split into pieces summed by separate programs, then
+# its pieces are summed in order. One program over a 16,384-entry segment would take the whole
+# gradient's time on one multiprocessor.
+SEGMENT_PIECE = 256
+
+
+def _weight_grad(grad_out, hidden, ids, vocab_start: int, weight) -> torch.Tensor:
+    """The weight shard's gradient: per owned id, the sum over its entries, deterministic (each
+    sum in one fixed order, in float32), written in the weight's dtype; other rows zero."""
+    u, hdim, v_local = ids.shape[1], hidden.shape[1], weight.shape[0]
     local, owned = _local_ids(ids, vocab_start, v_local)
     keys, order = torch.sort(local.where(owned, v_local).flatten(), stable=True)
-    seg_ids, counts = torch.unique_consecutive(keys, return_counts=True)
-    starts = torch.zeros(counts.numel() + 1, dtype=torch.long, device=ids.device)
-    torch.cumsum(counts, 0, out=starts[1:])
-    return order, starts, seg_ids
+    n_owned = int(owned.sum())  # unowned entries sort last, under the id v_local
+    seg_ids, counts = torch.unique_consecutive(keys[:n_owned], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pieces = (counts + SEGMENT_PIECE - 1) // SEGMENT_PIECE
+    total, split = (int(x) for x in torch.stack([pieces.sum(), pieces[pieces > 1].sum()]))
+    seg = torch.repeat_interleave(torch.arange(seg_ids.numel(), device=ids.device), pieces,
+                                  output_size=total)
+    first = torch.cumsum(pieces, 0) - pieces
+    piece_start = starts[seg] + (torch.arange(total, device=ids.device) - first[seg]) * SEGMENT_PIECE
+    piece_end = torch.minimum(piece_start + SEGMENT_PIECE, starts[seg] + counts[seg])
+    is_split = pieces[seg] > 1
+    rows = torch.where(is_split, -torch.cumsum(is_split, 0), seg_ids[seg])  # -1 - rank
+    grad_w = torch.zeros_like(weight)
+    part = torch.empty(max(split, 1), hdim, dtype=torch.float32, device=ids.device)
+    if total:
+        _grad_weight_kernel[(total,)](grad_out, hidden, order, piece_start, piece_end, rows,
+                                      grad_w, part, u, hdim)
+    if split:  # each split segment: its pieces (consecutive rows of `part`) summed in order
+        whole = (pieces > 1).nonzero()[:, 0]
+        ends = torch.cumsum(pieces[whole], 0)
+        _grad_weight_kernel[(whole.numel(),)](
+            torch.ones(split, device=ids.device), part, torch.arange(split, device=ids.device),
+            ends - pieces[whole], ends, seg_ids[whole], grad_w, part, 1, hdim)
+    return grad_w
 
 
 # The forward and hidden-gradient kernels hold a [UP, BLOCK_H] tile of 8,192 weights: 64 per
@@ -153,10 +185,7 @@ class _SparseLogits(torch.autograd.Function):
         up, block_h = _launch_shape(u, hdim)
         _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
                                   v_local, UP=up, BLOCK_H=block_h, num_warps=TILE_WARPS)
-        grad_w = torch.zeros_like(weight)
-        order, starts, seg_ids = _id_segments(ids, ctx.vocab_start, v_local)
-        _grad_weight_kernel[(seg_ids.numel(),)](grad_out, hidden, order, starts, seg_ids,
-                                                grad_w, u, hdim, v_local)
+        grad_w = _weight_grad(grad_out, hidden, ids, ctx.vocab_start, weight)
         return grad_h.to(hidden.dtype), grad_w, None, None
 
 

@@ -1,6 +1,8 @@
 """The fused OPD kernels against float64 references on fresh random inputs (on CPU the Triton
 kernels run in Triton's interpreter)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -189,9 +191,14 @@ def test_sparse_lm_head_shard_owns_its_rows_only():
     assert torch.all(halves[0][ids >= V // 2] == 0)
 
 
-def test_sparse_lm_head_weight_gradient_segments():
-    """Long segments of one id (many blocks of a program's loop), a shard whose unowned entries
-    form the last segment, and bitwise-equal gradients from two runs (no atomics)."""
+@pytest.mark.parametrize("piece", [256, 16])
+def test_sparse_lm_head_weight_gradient_segments(piece, monkeypatch):
+    """A long segment of one id: summed by one program (many blocks of its loop), or split
+    into pieces of `piece` entries, summed apart and then together; a shard whose unowned
+    entries sort last; bitwise-equal gradients from two runs (no atomics)."""
+    # the module (the package exports the function under the module's name)
+    monkeypatch.setattr(importlib.import_module("ark_mega.kernels.sparse_lm_head"),
+                        "SEGMENT_PIECE", piece)
     gen = torch.Generator().manual_seed(3)
     n, u, h = 40, 8, 24
     hidden, weight = torch.randn(n, h, generator=gen), torch.randn(V, h, generator=gen)

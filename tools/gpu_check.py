@@ -95,12 +95,12 @@ PARTS = [
 # the figures each part reports in the table (all of them are in gpu_check.json)
 SHOWN = {
     "kernels": ("tests", "failures", "errors", "skipped"),
-    "bench_kernels": ("naive_ms", "fused_ms", "speedup", "naive_peak_mib", "fused_peak_mib",
-                      "memory_ratio", "union_kl_gbps", "copy_gbps", "union_kl_fraction_of_copy",
-                      "hidden_grad_rel_diff"),
+    "bench_kernels": ("naive_ms", "fused_ms", "speedup", "fused_common_ids_ms", "naive_peak_mib",
+                      "fused_peak_mib", "memory_ratio", "union_kl_gbps", "copy_gbps",
+                      "union_kl_fraction_of_copy", "hidden_grad_rel_diff"),
     "trainer": ("passed", "resume_logged_steps"),
     "bench_opd": ("ours_s", "ours_rollout_s", "ours_teacher_s", "ours_student_s", "baseline_s",
-                  "speedup", "losses_agree", "ours_peak_gib"),
+                  "speedup", "losses_agree", "ours_peak_gib", "ours_compiles_in_timed_step"),
     "real_ark": ("layers", "dtype", "tokens", "fwd_bwd_s", "peak_gib", "grads_finite"),
     "real_qwen3": ("layers", "dtype", "tokens", "fwd_bwd_s", "peak_gib", "grads_finite"),
     "decode": ("prefill_s", "decode_ms_per_step", "decode_tokens_per_s", "floor_tokens_per_s",
