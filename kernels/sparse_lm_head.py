@@ -129,7 +129,7 @@ def _weight_grad(grad_out, hidden, ids, vocab_start: int, weight) -> torch.Tenso
     seg_ids, counts = torch.unique_consecutive(keys[:n_owned], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     pieces = (counts + SEGMENT_PIECE - 1) // SEGMENT_PIECE
-    total, split = (int(x) for x in torch.stack([pieces.sum(), pieces[pieces > 1].sum()]))
+    total, split = torch.stack([pieces.sum(), (pieces * (pieces > 1)).sum()]).tolist()
     seg = torch.repeat_interleave(torch.arange(seg_ids.numel(), device=ids.device), pieces,
                                   output_size=total)
     first = torch.cumsum(pieces, 0) - pieces
