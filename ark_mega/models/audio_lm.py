@@ -65,7 +65,7 @@ class AudioLM(MegatronModule):
             position_embedding_type="rope",
             rotary_base=dec.rotary_base,
         )
-        self.rope_in_core_attention = rope_in_core_attention(self.gpt.decoder)  # local layers
+        self.rope_in_core_attention = rope_in_core_attention(self.gpt.decoder)
         # megatron's norm wrappers ignore params_dtype and make fp32 weights: a bf16 model would
         # then mix dtypes, which the optimizers' checkpoints cannot shard (and torch's fused
         # RMSNorm refuses, falling back to fp32 intermediates)
