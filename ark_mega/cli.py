@@ -4,6 +4,7 @@ traceback."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -24,3 +25,19 @@ def run(main: Callable[[], int]) -> int:
         print(f"error: {message} ({type(e).__name__}; ARK_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the option on error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value

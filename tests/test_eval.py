@@ -134,3 +134,16 @@ def test_evaluate_reads_hypotheses_strictly_and_joins_references_by_id(tmp_path)
         tool._read_hypotheses(hyp_file(bare[0]), refs)
     with pytest.raises(ValueError, match="id 'z' is not in the reference manifest"):
         tool._read_hypotheses(hyp_file({"id": "z", "text": ""}), refs)
+
+
+@pytest.mark.parametrize("tool,option,value,message", [
+    ("transcribe.py", "--max-new-tokens", "0", "must be at least 1, got 0"),
+    ("transcribe.py", "--max-duration", "-1", "must be positive, got -1.0"),
+    ("evaluate.py", "--batch-tokens", "0", "must be at least 1, got 0"),
+])
+def test_tool_options_out_of_range_are_named(tool, option, value, message):
+    args = {"transcribe.py": ["--model", "m", "--out", "o", "a.wav"],
+            "evaluate.py": ["--hypotheses", "h", "--out-dir", "d"]}[tool]
+    proc = subprocess.run([sys.executable, f"tools/{tool}", *args, option, value], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"argument {option}: {message}" in proc.stderr

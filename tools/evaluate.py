@@ -20,6 +20,8 @@ import os
 import sys
 import warnings
 
+from ark_mega.cli import positive_int
+
 
 def _read_hypotheses(path: str, references: dict[str, str] | None = None
                      ) -> tuple[list[str], list[str], list[str]]:
@@ -67,8 +69,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default=".")
     ap.add_argument("--metric", choices=["cer", "wer"])
     ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256)
+    ap.add_argument("--batch-tokens", type=positive_int, default=8192)
     args = ap.parse_args()
 
     from ark_mega.eval import PRESETS, summarize, tables, utterance_rows, write_rows

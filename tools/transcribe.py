@@ -17,6 +17,8 @@ import json
 import sys
 import warnings
 
+from ark_mega.cli import positive_float, positive_int
+
 from tqdm import tqdm
 
 
@@ -28,12 +30,12 @@ def main() -> int:
     ap.add_argument("--model", required=True, help="megatron checkpoint (folder) or HF folder")
     ap.add_argument("--tokenizer", help="tokenizer folder (default: beside the model)")
     ap.add_argument("--out", required=True, help="JSONL output")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-tokens", type=int, default=8192, help="decoder tokens per batch")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256)
+    ap.add_argument("--batch-tokens", type=positive_int, default=8192, help="decoder tokens per batch")
     ap.add_argument("--blocked-from", type=int, default=None, help="never generate ids >= this")
     ap.add_argument("--skip-bad", action="store_true",
                     help="skip unreadable, silent or too long audio (listed), transcribe the rest")
-    ap.add_argument("--max-duration", type=float, default=30.0, help="seconds per utterance")
+    ap.add_argument("--max-duration", type=positive_float, default=30.0, help="seconds per utterance")
     args = ap.parse_args()
     if bool(args.audio) == bool(args.manifest):
         ap.error("give audio files or --manifest, not both")
