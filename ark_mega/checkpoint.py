@@ -201,14 +201,13 @@ def _check_model_matches(path: str, model_sd: dict, saved: dict) -> None:
     """Name the tensors a checkpoint lacks, or holds at another shape, before megatron's load
     fails on the first of them with every key of the checkpoint in one line."""
     missing, reshaped = [], []
-    for k, t in model_sd.items():
-        key = getattr(t, "key", k)
+    for t in model_sd.values():
         if not isinstance(t, ShardedTensor):  # extra state, factories: megatron checks them
             continue
-        if key not in saved:
-            missing.append(key)
-        elif tuple(saved[key].global_shape) != tuple(t.global_shape):
-            reshaped.append(f"{key} {tuple(saved[key].global_shape)} (model "
+        if t.key not in saved:
+            missing.append(t.key)
+        elif tuple(saved[t.key].global_shape) != tuple(t.global_shape):
+            reshaped.append(f"{t.key} {tuple(saved[t.key].global_shape)} (model "
                             f"{tuple(t.global_shape)})")
     if not missing and not reshaped:
         return
