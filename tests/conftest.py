@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import slurm_cluster
+
 # Without a GPU the Triton kernels run in Triton's interpreter (set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -73,4 +75,7 @@ def pytest_terminal_summary(terminalreporter):
                 if outcome != "passed" or report.when == "call":
                     counts[outcome] = counts.get(outcome, 0) + 1
     if counts:
-        terminalreporter.write_line("SLURM tests: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        why = terminalreporter.config.stash.get(slurm_cluster.ONE_NODE_PREEMPTION, None)
+        terminalreporter.write_line(
+            "SLURM tests: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+            + (f" (the preemption ran on one node: no two-node cluster, {why})" if why else ""))

@@ -16,7 +16,12 @@ import socket
 import subprocess
 import time
 
+import pytest
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+# why the preemption test ran on one node, for the run's summary (tests/conftest.py): pytest's
+# configuration silences warnings
+ONE_NODE_PREEMPTION = pytest.StashKey[str]()
 
 
 def available() -> bool:

@@ -11,7 +11,6 @@ import socket
 import sys
 import time
 import uuid
-import warnings
 
 import pytest
 
@@ -34,7 +33,7 @@ def preemptible(request, tmp_path_factory):
     """The cluster the preemption runs on: two nodes where namespaces can be made, else one."""
     why = slurm_cluster.namespaces_unavailable()
     if why:
-        warnings.warn(f"the preemption test runs on one node: no two-node cluster ({why})")
+        request.config.stash[slurm_cluster.ONE_NODE_PREEMPTION] = why
         yield request.getfixturevalue("cluster")
         return
     c = slurm_cluster.Cluster(str(tmp_path_factory.mktemp("slurm2")), nodes=2).start()
