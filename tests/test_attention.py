@@ -5,6 +5,7 @@ per-segment SDPA path (forward and backward)."""
 import pytest
 import torch
 
+from ark_mega.distributed import device
 from ark_mega.models import AudioLM
 from ark_mega.models.attention import PackedSegments, _varlen_probe, per_segment_attention
 from ark_mega.models.attention import varlen_attention
@@ -37,9 +38,8 @@ def test_packed_rope_in_the_core_attention_equals_megatrons(single_rank, dtype):
     ops round at each step."""
     cfg = tiny_ark_asr()
     torch.manual_seed(0)
-    model = AudioLM(cfg, dtype=dtype)
-    dev = next(model.parameters()).device
-    batch = packed_on(dev, cfg)
+    model = AudioLM(cfg, dtype=dtype).to(device())
+    batch = packed_on(device(), cfg)
 
     def run(in_core_attention: bool):
         model.rope_in_core_attention = model.encoder.rope_in_core_attention = in_core_attention
@@ -49,7 +49,7 @@ def test_packed_rope_in_the_core_attention_equals_megatrons(single_rank, dtype):
         return [t.float().cpu() for t in (logits, *(p.grad for p in model.parameters()))]
 
     for ours, theirs in zip(run(True), run(False)):
-        if dev.type == "cpu":
+        if device().type == "cpu":
             assert torch.equal(ours, theirs)
         else:  # relative to the tensor's norm: bf16 rounding moves single small entries far
             tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -63,8 +63,8 @@ def test_a_packed_forward_and_backward_reads_the_device_once_per_stack(single_ra
     for layers in (2, 4):
         cfg = tiny_ark_asr()
         cfg.encoder.num_layers = cfg.decoder.num_layers = layers
-        model = AudioLM(cfg)
-        batch = packed_on(next(model.parameters()).device, cfg)
+        model = AudioLM(cfg).to(device())
+        batch = packed_on(device(), cfg)
         host_reads.clear()
         logits = model(batch["input_ids"], batch["audio_features"], cu_seqlens=batch["cu_seqlens"])
         logits.square().mean().backward()
