@@ -43,7 +43,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n, x_st, x_sh, hn, rot,
                  BLOCK_T: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
                  INVERSE: tl.constexpr):

@@ -35,7 +35,7 @@ def teacher_topk_reference(full_logits: torch.Tensor, k: int, student_ids: torch
     return TeacherTopK(ids, vals, at_student.masked_fill(~inside, float("-inf")))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk_start"])
 def _lse_gather_kernel(z_ptr, sid_ptr, lse_ptr, at_ptr, v, ks, chunk_start,
                        BLOCK_V: tl.constexpr, KSP: tl.constexpr):
     n = tl.program_id(0)

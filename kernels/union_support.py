@@ -37,7 +37,7 @@ def union_support_reference(teacher_ids, student_ids, teacher_topk_scores,
                         valid.sum(1).float().mean())
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _union_kernel(t_ids, s_ids, t_scores, s_scores, out_ids, out_valid, out_scores, n_rows, k,
                   KP: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -2,6 +2,9 @@
 kernels run in Triton's interpreter)."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,3 +352,24 @@ def test_vocab_parallel_kernels_at_tp2_equal_tp1():
     assert set(record["max_abs_diff"]) == {"sparse_lm_head", "linear_cross_entropy", "vocab_topk",
                                            "teacher_topk_logits", "teacher_topk_hidden"}
     assert record["passed"], record
+
+
+def test_counts_that_change_with_the_batch_do_not_recompile_a_kernel():
+    """Row and token counts are not specialised on: a new count divisible by 16 (or not) would
+    compile the kernel again inside a training step. Read from the compiled (not interpreted)
+    kernels, which only a process without TRITON_INTERPRET builds."""
+    script = """
+from importlib import import_module
+for module, kernel, name in (("rope", "_rope_kernel", "n"),
+                             ("teacher_topk", "_lse_gather_kernel", "chunk_start"),
+                             ("union_kl", "_union_kl_kernel", "n_rows"),
+                             ("union_support", "_union_kernel", "n_rows")):
+    jitted = getattr(import_module("ark_mega.kernels." + module), kernel)
+    jitted = jitted if hasattr(jitted, "params") else jitted.fn  # under an autotuner
+    params = {p.name: p for p in jitted.params}
+    assert params[name].do_not_specialize, (kernel, name)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
