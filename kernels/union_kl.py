@@ -59,7 +59,7 @@ def union_kl_reference(student_logits, teacher_scores, valid, tau: float = 1.0,
 @tuned([triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((16, 4), (16, 8), (32, 4),
                                                                  (32, 8), (64, 8))],
        key=["u"], interpreted=triton.Config({"BLOCK_N": 32}))
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_rows, u, inv_tau,
                      beta, UP: tl.constexpr, BLOCK_N: tl.constexpr, DIVERGENCE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,17 +105,26 @@ def _union_kl_kernel(s_ptr, t_ptr, valid_ptr, kl_ptr, counted_ptr, grad_ptr, n_r
     tl.store(grad_ptr + offs, tl.where(ok & counted[:, None], grad, 0.0), mask=inside)
 
 
+def union_kl_kernel(student_logits, teacher_scores, valid, tau: float, divergence: str,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel alone: per row the counted divergence [N] and whether it counts [N] (int32),
+    and the gradient in the student logits [N, U] (float32, not yet divided by |T|)."""
+    n, u = student_logits.shape
+    kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
+    counted = torch.empty(n, dtype=torch.int32, device=student_logits.device)
+    grad = torch.empty(n, u, dtype=torch.float32, device=student_logits.device)
+    _union_kl_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        student_logits.contiguous(), teacher_scores.contiguous(), valid.contiguous(), kl,
+        counted, grad, n, u, 1.0 / tau, beta, UP=next_pow2(u),
+        DIVERGENCE=DIVERGENCES.index(divergence))
+    return kl, counted, grad
+
+
 class _UnionKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_scores, valid, tau, reduction, divergence, beta):
-        n, u = student_logits.shape
-        kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
-        counted = torch.empty(n, dtype=torch.int32, device=student_logits.device)
-        grad = torch.empty(n, u, dtype=torch.float32, device=student_logits.device)
-        _union_kl_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            student_logits.contiguous(), teacher_scores.contiguous(), valid.contiguous(), kl,
-            counted, grad, n, u, 1.0 / tau, beta, UP=next_pow2(u),
-            DIVERGENCE=DIVERGENCES.index(divergence))
+        kl, counted, grad = union_kl_kernel(student_logits, teacher_scores, valid, tau,
+                                            divergence, beta)
         count = counted.sum().clamp(min=1) if reduction == "mean" else kl.new_ones(())
         ctx.save_for_backward(grad, count)
         ctx.dtype = student_logits.dtype

@@ -30,6 +30,7 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     assert bench["loss_naive"] == pytest.approx(bench["loss_fused"], rel=1e-5)
     assert bench["hidden_grad_rel_diff"] < 1e-5
     assert bench["union_kl_rows"] == 64 and bench["union_kl_gbps"] > 0
+    assert bench["union_kl_kernel_gbps"] > 0
     # our OPD loss on a shared rollout equals the authors' way (transformers models with the
     # same weights, full logits, a per-position Python union)
     bench = parts["bench_opd"]["figures"]
