@@ -59,6 +59,25 @@ def test_reading_tokens_every_few_steps_changes_no_rollout(single_rank):
     assert runs[1].steps % 5 == 0 or runs[1].steps == 12
 
 
+def test_sampling_draws_multinomials_sample_within_top_k_and_top_p(single_rank):
+    """Temperature / top-p sampling over the top-k: torch.multinomial's draw from the same
+    generator (the draw is written out so that a GPU step waits for nothing on the host), only
+    ids inside the nucleus, and the same draws from the same seed."""
+    from ark_mega.opd.generate import _pick
+
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    cfg = GenerationConfig(top_k=8, greedy=False, temperature=0.7, top_p=0.8)
+    ids, top = _pick(logits, None, cfg, torch.Generator().manual_seed(5))
+    probs = torch.softmax(logits.topk(8).values.log_softmax(-1) / 0.7, dim=-1)
+    nucleus = probs.cumsum(-1) - probs < 0.8
+    expected = torch.multinomial(probs.masked_fill(~nucleus, 0.0), 1,
+                                 generator=torch.Generator().manual_seed(5))
+    assert torch.equal(top, logits.topk(8).indices)
+    assert torch.equal(ids, top.gather(1, expected)[:, 0])
+    assert (nucleus.sum(-1) < 8).any() and len(set(ids.tolist())) > 1
+    assert torch.equal(_pick(logits, None, cfg, torch.Generator().manual_seed(5))[0], ids)
+
+
 def test_prefill_forms_logits_at_the_last_position_only(single_rank):
     """The rollout's prefill runs the output layer on [1, b, h], not on every prompt position
     (at 64 utterances of 30 s that would be [~830, 64, V]: 8.2 GiB at Qwen's vocabulary)."""

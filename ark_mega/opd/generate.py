@@ -84,7 +84,10 @@ def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationCon
     if cfg.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(before >= cfg.top_p, 0.0)
-    choice = torch.multinomial(probs.cpu(), 1, generator=gen).to(probs.device)
+    # torch.multinomial's own draw for one sample (the same ids on the CPU), written out: on a
+    # GPU multinomial checks its input on the host, a wait for the device at every step
+    race = torch.empty_like(probs).exponential_(generator=gen)
+    choice = (probs / race).argmax(-1, keepdim=True)
     return top.ids.gather(1, choice)[:, 0], top.ids
 
 
@@ -111,7 +114,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     prefill_mask = (is_pad[:, None, None, :width] & ~own)
     context = StaticInferenceContext(max_batch_size=b, max_sequence_length=max_len)
     hidden_size, dtype = model.config.hidden_size, model.config.params_dtype
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     last = ps.is_pipeline_last_stage()
     pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
 
