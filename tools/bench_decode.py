@@ -8,7 +8,9 @@ Each decoding step reads every decoder weight once (the output layer included), 
 shorter than decoder weight bytes / memory bandwidth: with the bandwidth of a device-to-device
 copy measured in the same run, the floor is batch / that time, in tokens per second. The stop
 token is blocked so that every row decodes all its tokens. Reported: prefill time (encoder,
-prompt, first token), decode tokens/s over the remaining steps, and their fraction of the floor;
+prompt, first token); decode tokens/s of the steady steps (after the first two, which with a
+graph warm it up eagerly and capture it, once per rollout) and their fraction of the floor;
+tokens/s over all the steps after the prefill (`rollout_decode_tokens_per_s`);
 on a GPU with the decoding step replayed as a CUDA graph (the default) and, as the same run's
 baseline, without. Should the graph's capture fail, the run reports its error and the eager
 figures.
@@ -38,6 +40,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
+    if args.new_tokens < 4:
+        ap.error("--new-tokens must be at least 4: the first two decoding steps are timed apart")
     if args.smoke:
         args.preset, args.batch, args.seconds, args.new_tokens = "tiny_ark_asr", 4, 2.0, 6
     if (where := bench_device(args.smoke)) is None:
@@ -71,9 +75,13 @@ def main() -> int:
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
         return time.perf_counter() - t0, out.cuda_graph
 
-    def decode_tokens_per_s(cuda_graph: bool) -> tuple[float, bool]:
+    def decode_tokens_per_s(cuda_graph: bool) -> tuple[float, float, bool]:
+        """Tokens/s of the steps after the first two (with a graph: its replays), and of all the
+        steps after the prefill (with a graph: also its eager warm-up and capture)."""
         seconds, graphed = run(args.new_tokens, cuda_graph)
-        return args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9), graphed
+        setup, _ = run(3, cuda_graph)
+        steady = args.batch * (args.new_tokens - 3) / max(seconds - setup, 1e-9)
+        return steady, args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9), graphed
 
     graph_error = None
     try:
@@ -83,8 +91,10 @@ def main() -> int:
             raise
         graph_error = str(e)[-1000:]
         run(3, cuda_graph=False)
+    # step 1 picks from the prefill's logits; in a rollout's first two decoding steps the graph
+    # is warmed up eagerly and captured, then replayed
     prefill_s, _ = run(1, cuda_graph=graph_error is None)
-    tokens_per_s, cuda_graph = decode_tokens_per_s(graph_error is None)
+    tokens_per_s, rollout_tokens_per_s, cuda_graph = decode_tokens_per_s(graph_error is None)
     eager = decode_tokens_per_s(False)[0] if dev.type == "cuda" else None
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
@@ -97,6 +107,7 @@ def main() -> int:
                   "layers": model.transformer_impl},
         "prefill_s": prefill_s, "decode_tokens_per_s": tokens_per_s,
         "decode_ms_per_step": 1e3 * args.batch / tokens_per_s,
+        "rollout_decode_tokens_per_s": rollout_tokens_per_s,
         "cuda_graph": cuda_graph, "graph_error": graph_error,
         "eager_decode_tokens_per_s": eager,
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
