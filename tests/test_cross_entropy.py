@@ -73,3 +73,33 @@ def test_shapes_are_checked():
         linear_cross_entropy(hidden, weight[:, :8], labels, mask)
     with pytest.raises(ValueError, match="do not fit"):
         linear_cross_entropy(hidden, weight, labels, mask[:-1])
+
+
+def test_sft_step_is_the_cross_entropy_of_the_answer_positions_only(single_rank, monkeypatch):
+    """The SFT loss and gradients are those of the full logits' cross-entropy at the answer
+    tokens; the output layer runs at those positions alone (a packed ASR batch is mostly audio
+    and prompt positions)."""
+    from ark_mega.data import PromptBuilder
+    from ark_mega.opd import steps
+    from opd_setup import batch, model, tokenizer
+
+    sp = PromptBuilder.student(tokenizer())
+    m = model("tiny_ark_asr", sp, seed=0)
+    b = batch(sp, n=3)
+    rows = []
+    def spy(hidden, *args):
+        rows.append(hidden.shape[0])
+        return linear_cross_entropy(hidden, *args)
+
+    monkeypatch.setattr(steps, "linear_cross_entropy", spy)
+    got = steps.sft_step(m, [b])
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+    mask = b.loss_mask[0]
+    assert rows == [int(mask.sum())] and rows[0] < mask.numel() / 2
+    m.zero_grad()
+    logits = m(b.input_ids, b.audio_features, cu_seqlens=b.cu_seqlens)[:, 0]
+    loss = F.cross_entropy(logits[mask].float(), b.labels[0][mask])
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.allclose(ours[n], p.grad, rtol=1e-4, atol=1e-6), n

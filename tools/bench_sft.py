@@ -1,7 +1,9 @@
 """Benchmark: SFT throughput of the student on packed batches, tokens/s and MFU, in one run.
 
     python tools/bench_sft.py              # 1 GPU: ark_asr_0p6b, random weights, bf16,
-                                           # 16 utterances of 30 s with 48-token transcripts
+                                           # 32 utterances of 30 s with 48-token transcripts
+                                           # (15,968 decoder tokens: examples/configs'
+                                           # real-scale budget is 32,768 per rank)
     python tools/bench_sft.py --smoke      # tiny model on the CPU: checks the script runs
 
 One step is the trainer's: megatron DDP, the packed forward + backward of `sft_step`, megatron's
@@ -23,26 +25,26 @@ from random_models import random_model, toy_tokenizer
 TEXT = "the quick brown fox jumps over the lazy dog " * 8
 
 
-def train_flops(cfg, utterances: list[tuple[int, int]]) -> float:
+def train_flops(cfg, utterances: list[tuple[int, int, int]]) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward; no recomputation)
-    of an Ark-ASR model on utterances given as (mel frames, decoder tokens). Matrix products
-    only (2 FLOPs per multiply-add), attention scores and values included, causal attention
-    counted at half."""
+    of an Ark-ASR model on utterances given as (mel frames, decoder tokens, scored tokens).
+    Matrix products only (2 FLOPs per multiply-add), attention scores and values included,
+    causal attention counted at half; the output layer at the scored tokens (`sft_step` runs
+    it nowhere else)."""
     from ark_mega.models.config import WhisperEncoderConfig
 
     enc, dec = cfg.encoder, cfg.decoder
     if not isinstance(enc, WhisperEncoderConfig):
         raise ValueError(f"train_flops covers the Whisper encoder (Ark-ASR), not {cfg.family}'s")
     he, hd, h = enc.hidden_size, dec.kv_channels, dec.hidden_size
-    # decoder, per token: QKV, output projection, SwiGLU MLP (3 matrices); the output layer
+    # decoder, per token: QKV, output projection, SwiGLU MLP (3 matrices)
     per_token = dec.num_layers * 2 * (h * (dec.num_heads + 2 * dec.num_kv_heads) * hd
                                       + dec.num_heads * hd * h + 3 * h * dec.ffn_hidden_size)
-    per_token += 2 * h * dec.vocab_size
     forward = 0.0
-    for frames, tokens in utterances:
+    for frames, tokens, scored in utterances:
         positions = (frames + 1) // 2  # after the stride-2 convolution
         audio_tokens = positions // enc.merge_factor
-        forward += tokens * per_token
+        forward += tokens * per_token + scored * 2 * h * dec.vocab_size
         forward += dec.num_layers * 2 * 2 * dec.num_heads * hd * tokens * (tokens + 1) / 2
         # encoder: conv1 (k=3) at every frame, conv2 (k=3, stride 2); layers: QKV + proj (4 he^2)
         # and the MLP (2 he ffn) per position, bidirectional attention over the utterance
@@ -57,7 +59,7 @@ def train_flops(cfg, utterances: list[tuple[int, int]]) -> float:
 def main() -> int:
     warnings.filterwarnings("ignore")
     ap = bench_parser(__doc__, utterance=True)
-    ap.add_argument("--utterances", type=int, default=16)
+    ap.add_argument("--utterances", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=48)
     args = ap.parse_args()
     if args.smoke:
@@ -95,7 +97,8 @@ def main() -> int:
     step()  # warm-up
     sync(dev)
     ms = timed(step, dev, reps=2)
-    flops = train_flops(model.cfg, [(frames, len(p.input_ids)) for p in built])
+    flops = train_flops(model.cfg, [(frames, len(p.input_ids), len(p.input_ids) - p.num_prompt)
+                                    for p in built])
     peak = matmul_tflops(dev) if dev.type == "cuda" else float("nan")
     achieved = flops / ms / 1e9
     result = {
