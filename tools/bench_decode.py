@@ -114,8 +114,8 @@ def main() -> int:
         "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
     }
     report(result, args.out)
-    if args.profile:  # 16 tokens: the prefill and 15 decoding steps
-        write_profile(args.profile, lambda: run(min(16, args.new_tokens)), dev)
+    if args.profile:  # a whole rollout: its replayed steps outweigh the prefill
+        write_profile(args.profile, lambda: run(args.new_tokens), dev)
     return 0
 
 
