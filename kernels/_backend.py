@@ -48,13 +48,14 @@ _TUNED = []  # every kernel made by `tuned`
 
 def tuned(configs: list[triton.Config], key: list[str], interpreted: triton.Config):
     """Autotune a kernel over `configs` on a GPU: Triton times each on first use, once per
-    distinct value of the `key` arguments. The interpreter has no timings to compare and runs
-    `interpreted`: small enough that the kernel tests' shapes cover every loop, large enough
-    that whole training steps under the interpreter (trainer tests, gpu_check --smoke) stay
-    quick."""
+    distinct value of the `key` arguments, and keeps the timings in its cache directory: a
+    later process (a requeued job, the next stage) reads them instead of timing again. The
+    interpreter has no timings to compare and runs `interpreted`: small enough that the kernel
+    tests' shapes cover every loop, large enough that whole training steps under the
+    interpreter (trainer tests, gpu_check --smoke) stay quick."""
     def wrap(fn):
         kernel = triton.autotune(configs=[interpreted] if interpreting() else configs,
-                                 key=key)(fn)
+                                 key=key, cache_results=True)(fn)
         _TUNED.append(kernel)
         return kernel
     return wrap

@@ -354,12 +354,15 @@ def test_vocab_parallel_kernels_at_tp2_equal_tp1():
     assert record["passed"], record
 
 
-def test_counts_that_change_with_the_batch_do_not_recompile_a_kernel():
+def test_first_steps_neither_recompile_nor_retune_a_kernel():
     """Row and token counts are not specialised on: a new count divisible by 16 (or not) would
-    compile the kernel again inside a training step. Read from the compiled (not interpreted)
-    kernels, which only a process without TRITON_INTERPRET builds."""
+    compile the kernel again inside a training step. Autotuning results are kept on disk for
+    the next process. Read from the compiled (not interpreted) kernels, which only a process
+    without TRITON_INTERPRET builds."""
     script = """
 from importlib import import_module
+from ark_mega.kernels._backend import _TUNED
+assert len(_TUNED) >= 2 and all(kernel.cache_results for kernel in _TUNED), _TUNED
 for module, kernel, name in (("rope", "_rope_kernel", "n"),
                              ("teacher_topk", "_lse_gather_kernel", "chunk_start"),
                              ("union_kl", "_union_kl_kernel", "n_rows"),
