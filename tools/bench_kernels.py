@@ -146,7 +146,8 @@ def main() -> int:
     # the op (kernel, then the sums over rows and the division: five more small launches) and
     # the kernel alone (its outputs allocated, one launch)
     for name, fn in (("union_kl", lambda: union_kl(*kl, args.tau, impl=impl)),
-                     ("union_kl_kernel", lambda: union_kl_kernel(*kl, args.tau, "forward_kl", 0.5))):
+                     ("union_kl_kernel",
+                      lambda: union_kl_kernel(*kl, args.tau, "forward_kl", 0.5))):
         result[f"{name}_gbps"] = kl_bytes / timed(fn, device, reps) / 1e6
         result[f"{name}_fraction_of_copy"] = result[f"{name}_gbps"] / result["copy_gbps"]
     from ark_mega.kernels._backend import chosen_configs

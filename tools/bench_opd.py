@@ -200,8 +200,9 @@ def main() -> int:
 
     # ---- ark_mega: one full OPD step, after one on 2 utterances and one on 3 (every size that
     # changes with the batch changed once, so torch.compile builds its functions for dynamic
-    # shapes) and one on the full batch: Triton compiles a kernel again for each new pattern of
-    # its integer arguments (divisible by 16 or not), a cost of the first steps of a run
+    # shapes) and one on the full batch, timed and reported: paths the small batches never take
+    # (the loss head's split id segments) are compiled and autotuned in it, a cost of the first
+    # steps of a run
     few = first(2)
     step([few])
     step([first(3)])
