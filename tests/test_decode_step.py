@@ -8,33 +8,55 @@ import torch.nn.functional as F
 
 from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
-from ark_mega.models.decode_step import attention_bias, cached_attention
+from ark_mega.kernels.decode_attention import cached_attention
+from ark_mega.models.decode_step import attention_bias
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
 
 
-def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys():
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                        ("triton", torch.bfloat16)])
+@pytest.mark.parametrize("b,heads,groups,hn,max_len", [(3, 6, 2, 8, 11), (2, 14, 2, 64, 130)])
+def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys(impl, dtype, b, heads,
+                                                                            groups, hn, max_len):
+    """Both ways (SDPA per key group; the kernel, compiled on a GPU and through Triton's
+    interpreter on the CPU), at a toy shape and at Ark-ASR's (7 query heads per group, heads of
+    64) with a cache longer than two of the kernel's blocks and one row whose first 70 keys
+    are padding; in bf16 (GPU only) against the float32 result."""
+    if dtype == torch.bfloat16 and DEV.type != "cuda":
+        pytest.skip("bf16 tiles run compiled on a GPU only")
     gen = torch.Generator().manual_seed(0)
-    b, heads, groups, hn, max_len = 3, 6, 2, 8, 11
     query = torch.randn(1, b, heads, hn, generator=gen)
     keys, values = (torch.randn(b, groups, max_len, hn, generator=gen) for _ in range(2))
     blocked = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
-    blocked[:, ..., 0] = False  # every row keeps a key
+    blocked[..., 0] = False  # every row keeps a key
+    if max_len > 70:  # left padding spanning a whole block of 64 keys
+        blocked[0, ..., :70] = True
+        blocked[0, ..., 70] = False
     bias = attention_bias(blocked, query.dtype)
     # rows 16-aligned at 11 keys: CUDA's memory-efficient attention would copy it otherwise
     assert bias.shape == blocked.shape and all(st % 16 == 0 for st in bias.stride()[:-1])
-    got = cached_attention(query, keys, values, bias, None)
     # each query head h reads key group h // (heads / groups), as repeat_interleave expands it
     per_group = heads // groups
     ref = F.scaled_dot_product_attention(
         query[0][:, :, None, :],  # [b, heads, 1, hn]
         keys.repeat_interleave(per_group, 1), values.repeat_interleave(per_group, 1),
-        attn_mask=~blocked)
-    assert torch.allclose(got, ref.reshape(1, b, heads * hn), atol=1e-6)
+        attn_mask=~blocked).reshape(1, b, heads * hn)
+
+    def run(keys):
+        on = [t.to(DEV, dtype) for t in (query, keys, values)]
+        return cached_attention(*on, attention_bias(blocked.to(DEV), dtype), None,
+                                impl=impl).float().cpu()
+
+    got = run(keys)
+    assert torch.allclose(got, ref, atol=1e-5 if dtype == torch.float32 else 3e-2)
     # a masked key changes nothing, whatever it holds
     row, pos = blocked[:, 0, 0].nonzero()[0].tolist()
     keys[row, :, pos] = 1e4
-    assert torch.allclose(cached_attention(query, keys, values, bias, None), got, atol=1e-6)
+    assert torch.allclose(run(keys), got, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

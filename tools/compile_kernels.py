@@ -31,8 +31,10 @@ sys.path.insert(0, ROOT)
 def run_every_op() -> None:
     """Each op once, forward and backward, on two rows with the block sizes of the real widths
     (top-k 32 and 64; heads of 128 with full and 64 with half rotary; a hidden width of 256
-    already gives the largest blocks), so the registers are those of training."""
+    already gives the largest blocks; the decoding attention of both student families), so the
+    registers are those of training and decoding."""
     from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
+    from ark_mega.kernels.decode_attention import cached_attention
     from ark_mega.kernels.decode_rope import rope_into_cache
     from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
 
@@ -59,6 +61,11 @@ def run_every_op() -> None:
                  for heads in (4, 2))
         cache = [torch.zeros(2, 2, 16, hn, dtype=torch.bfloat16) for _ in range(2)]
         rope_into_cache(q, kv, kv, cos, sin, torch.tensor([3]), *cache, impl="triton")
+    for heads, groups, hn in ((14, 2, 64), (16, 8, 128)):  # Ark-ASR's and Qwen3-ASR's students
+        query = torch.randn(1, 2, heads, hn, dtype=torch.bfloat16, generator=gen)
+        keys = torch.randn(2, groups, 70, hn, dtype=torch.bfloat16, generator=gen)
+        cached_attention(query, keys, keys, torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16),
+                         None, impl="triton")
 
 
 def record_launches(path: str) -> None:

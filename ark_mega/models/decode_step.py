@@ -8,7 +8,7 @@ device tensor and every shape is fixed for the whole rollout, so the step is one
 replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
 q/k norms, output projection, MLP, embedding, output layer) and does only the cache write, RoPE
 at the position (`ark_mega.kernels.decode_rope`: two launches per layer) and the attention
-itself. Keys are cached with RoPE applied, so a step rotates one key per layer, not the whole
+itself (`ark_mega.kernels.decode_attention`: one launch). Keys are cached with RoPE applied, so a step rotates one key per layer, not the whole
 cache.
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 from ..kernels import compiled_only
+from ..kernels.decode_attention import cached_attention
 from ..kernels.decode_rope import rope_into_cache
 from ..kernels.rope import rope_tables
 
@@ -129,7 +129,8 @@ class DecodeStep:
         keys, values = cache
         query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
                                 impl=compiled_only(query))
-        context = cached_attention(query, keys, values, mask, self.config.softmax_scale)
+        context = cached_attention(query, keys, values, mask, self.config.softmax_scale,
+                                   impl=compiled_only(query))
         out, bias = attention.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
         out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
@@ -145,18 +146,3 @@ def attention_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rows = torch.zeros(*blocked.shape[:-1], -(-length // 16) * 16, dtype=dtype,
                        device=blocked.device)
     return rows[..., :length].masked_fill_(blocked, float("-inf"))
-
-
-def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     bias: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """One query per row against the cache: query [1, b, heads, hn], keys / values
-    [b, groups, max_len, hn], `bias` [b, 1, 1, max_len] (from `attention_bias`) ->
-    [1, b, heads * hn].
-
-    A group's query heads go to SDPA as that group's query positions, so the cache is read once
-    and never expanded to the query heads (as `enable_gqa` would on kernels without it)."""
-    _, b, heads, hn = query.shape
-    groups = keys.shape[1]
-    q = query[0].reshape(b, groups, heads // groups, hn)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
-    return out.reshape(1, b, heads * hn)
