@@ -74,7 +74,8 @@ def _grad_hidden_kernel(g_ptr, w_ptr, ids_ptr, gh_ptr, u, hdim, vocab_start, v_l
         in_h = hs < hdim
         w = tl.load(w_ptr + local[:, None] * hdim + hs[None, :],
                     mask=owned[:, None] & in_h[None, :], other=0.0).to(tl.float32)
-        tl.store(gh_ptr + n * hdim + hs, tl.sum(g[:, None] * w, axis=0), mask=in_h)
+        tl.store(gh_ptr + n * hdim + hs,
+                 tl.sum(g[:, None] * w, axis=0).to(gh_ptr.dtype.element_ty), mask=in_h)
 
 
 @tuned([triton.Config({"BLOCK_J": j, "BLOCK_H": h}, num_warps=w)
@@ -181,12 +182,13 @@ class _SparseLogits(torch.autograd.Function):
         n, hdim = hidden.shape
         u, v_local = ids.shape[1], weight.shape[0]
         grad_out = grad_out.contiguous()
-        grad_h = torch.empty(n, hdim, dtype=torch.float32, device=hidden.device)
+        # summed in float32, stored once in the hidden states' dtype (no float32 copy to cast)
+        grad_h = torch.empty(n, hdim, dtype=hidden.dtype, device=hidden.device)
         up, block_h = _launch_shape(u, hdim)
         _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
                                   v_local, UP=up, BLOCK_H=block_h, num_warps=TILE_WARPS)
         grad_w = _weight_grad(grad_out, hidden, ids, ctx.vocab_start, weight)
-        return grad_h.to(hidden.dtype), grad_w, None, None
+        return grad_h, grad_w, None, None
 
 
 def sparse_lm_head(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
