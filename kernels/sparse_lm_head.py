@@ -126,10 +126,10 @@ def _weight_grad(grad_out, hidden, ids, vocab_start: int, weight) -> torch.Tenso
     u, hdim, v_local = ids.shape[1], hidden.shape[1], weight.shape[0]
     local, owned = _local_ids(ids, vocab_start, v_local)
     keys, order = torch.sort(local.where(owned, v_local).flatten(), stable=True)
-    n_owned = int(owned.sum())  # unowned entries sort last, under the id v_local
-    seg_ids, counts = torch.unique_consecutive(keys[:n_owned], return_counts=True)
+    seg_ids, counts = torch.unique_consecutive(keys, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    pieces = (counts + SEGMENT_PIECE - 1) // SEGMENT_PIECE
+    # unowned entries sort last, under the id v_local: their segment gets no program
+    pieces = (counts + SEGMENT_PIECE - 1) // SEGMENT_PIECE * (seg_ids < v_local)
     total, split = torch.stack([pieces.sum(), (pieces * (pieces > 1)).sum()]).tolist()
     seg = torch.repeat_interleave(torch.arange(seg_ids.numel(), device=ids.device), pieces,
                                   output_size=total)
