@@ -17,9 +17,9 @@ import json
 import sys
 import warnings
 
-from ark_mega.cli import positive_float, positive_int
-
 from tqdm import tqdm
+
+from ark_mega.cli import positive_float, positive_int
 
 
 def main() -> int:

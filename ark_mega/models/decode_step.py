@@ -8,8 +8,8 @@ device tensor and every shape is fixed for the whole rollout, so the step is one
 replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
 q/k norms, output projection, MLP, embedding, output layer) and does only the cache write, RoPE
 at the position (`ark_mega.kernels.decode_rope`: two launches per layer) and the attention
-itself (`ark_mega.kernels.decode_attention`: one launch). Keys are cached with RoPE applied, so a step rotates one key per layer, not the whole
-cache.
+itself (`ark_mega.kernels.decode_attention`: one launch). Keys are cached with RoPE applied, so
+a step rotates one key per layer, not the whole cache.
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
 and the positions not yet written are masked.
