@@ -2,11 +2,13 @@
 
     python tools/compile_kernels.py              # sm_90 (H100 / H200)
     python tools/compile_kernels.py --arch 80    # A100
+    python tools/compile_kernels.py --ir _grad_hidden_kernel   # and that kernel's layouts
 
 Each op runs once on tiny CPU inputs under Triton's interpreter (in a subprocess), which
-records every kernel launch with the arguments the op passes; each launch is then compiled for
-the target by Triton (with its own ptxas), once per launch configuration its autotuner may pick
-on a GPU. Prints each kernel's registers, stack and shared memory, and exits 1 if any fails to
+records every kernel launch with the arguments the op passes, specialized as a GPU launch
+specializes them (pointers and integers divisible by 16, which set vector widths, layouts and
+registers); each launch is then compiled for the target by Triton (with its own ptxas), once
+per launch configuration its autotuner may pick on a GPU. Prints each kernel's registers, stack and shared memory, and exits 1 if any fails to
 compile: such a failure would otherwise cost minutes of a GPU lent for a short time.
 """
 
@@ -69,21 +71,25 @@ def run_every_op() -> None:
 
 
 def record_launches(path: str) -> None:
-    """Under the interpreter: each distinct launch's kernel (module, name), its arguments' types
-    and its constexpr values, as JSON lines in `path`."""
+    """Under the interpreter: each distinct launch's kernel (module, name), its arguments'
+    specialization as a GPU's launch makes it (type, and 16-divisibility of pointers and
+    integers, which decides vector widths and layouts) and its options, as JSON lines in `path`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction, mangle_type
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    backend = make_backend(GPUTarget("cuda", 90, 32))
     seen = {}
     original = InterpretedFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        params = JITFunction(self.fn).params
-        values = dict(zip((p.name for p in params), args)) | kwargs
+        jit = JITFunction(self.fn)
+        values = dict(zip(jit.arg_names, args)) | kwargs
+        bind = create_function_from_signature(jit.signature, jit.params, backend)
+        _, specialization, _ = bind(**{name: values[name] for name in jit.arg_names})
         launch = {"module": self.fn.__module__, "name": self.fn.__name__,
-                  "types": {p.name: mangle_type(values[p.name]) for p in params
-                            if not p.is_constexpr},
-                  "constexprs": {p.name: values[p.name] for p in params if p.is_constexpr},
+                  "specialization": dict(zip(jit.arg_names, specialization)),
                   "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}}
         seen.setdefault(json.dumps(launch, sort_keys=True), launch)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -100,20 +106,26 @@ def record_launches(path: str) -> None:
 def compile_launch(launch: dict, target):
     """Each GPU configuration of one recorded launch: (label, compiled kernel or the error)."""
     from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
 
+    backend = make_backend(target)
     kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
     configs = kernel.configs if isinstance(kernel, triton.runtime.Autotuner) else [None]
     jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    spec = launch["specialization"]
     for config in configs:
-        constexprs = {**launch["constexprs"], **(config.kwargs if config else {})}
-        signature = {p.name: "constexpr" if p.is_constexpr else launch["types"][p.name]
+        constexprs = {name: value for name, (kind, value) in spec.items() if kind == "constexpr"}
+        constexprs |= config.kwargs if config else {}
+        signature = {p.name: "constexpr" if p.name in constexprs else spec[p.name][0]
                      for p in jit.params}
+        attrs = {(i,): backend.parse_attr(spec[p.name][1]) for i, p in enumerate(jit.params)
+                 if p.name not in constexprs and isinstance(spec[p.name][1], str)}
         options = {**launch["options"], **({"num_warps": config.num_warps,
                                              "num_stages": config.num_stages} if config else {})}
         label = launch["name"] + "".join(f" {k}={v}" for k, v in constexprs.items())
         label += "".join(f" {k}={v}" for k, v in options.items())
         try:
-            yield label, triton.compile(ASTSource(jit, signature, constexprs), target=target,
+            yield label, triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
                                         options=options)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             yield label, e
@@ -133,6 +145,8 @@ def resources(compiled) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    ap.add_argument("--ir", metavar="KERNEL",
+                    help="also print the Triton GPU IR (layouts, reductions) of this kernel")
     ap.add_argument("--record", help=argparse.SUPPRESS)  # the interpreted subprocess's output
     args = ap.parse_args()
     if args.record:
@@ -157,6 +171,8 @@ def main() -> int:
                 used = resources(result)
                 spills = re.search(r"(stack|local) [1-9]", used)
                 print(f"{'SPILLS' if spills else 'ok':8}{label}: {used}")
+                if launch["name"] == args.ir:
+                    print(result.asm["ttgir"])
     print(f"compile_kernels: sm_{args.arch}, {len(launches)} launches, {failures} failed")
     return 1 if failures else 0
 
