@@ -8,7 +8,8 @@ layer's input) and a row-scattered gradient for this rank's weight shard. Invali
 ids owned by other ranks give 0.
 
 The weight gradient is a segmented sum: the (row, column) entries are sorted by vocabulary id
-and each id's segment is summed by one program and written once. Atomic adds into a float32
+and one program per vocabulary row sums its id's segment and writes the row once (zeros for
+an id in no union, so the gradient needs no separate fill). Atomic adds into a float32
 [V, H] buffer were 3/4 of the fused head's time on an H100 (docs/benchmarks.md), needed that
 buffer besides the gradient, and summed in a different order each run; the sorted sum is
 deterministic and writes the gradient in the weight's dtype directly.
@@ -23,7 +24,7 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
 )
 
-from ._backend import next_pow2, tuned, use_triton
+from ._backend import next_pow2, use_triton
 
 
 def _local_ids(ids, vocab_start, v_local):
@@ -40,19 +41,19 @@ def sparse_logits_reference(hidden, weight, ids, vocab_start: int = 0):
 
 
 @triton.jit
-def _row_ids(ids_ptr, n, u, vocab_start, v_local, UP: tl.constexpr):
-    """Row n's ids as rows of this shard (`local`), and which of them the shard owns."""
-    cols = tl.arange(0, UP)
+def _row_ids(ids_ptr, n, u, cols, vocab_start, v_local):
+    """Row n's ids at `cols` as rows of this shard (`local`), and which of them the shard owns."""
     ids = tl.load(ids_ptr + n * u + cols, mask=cols < u, other=-1)
     local = ids - vocab_start
-    return cols, local, (ids >= 0) & (local >= 0) & (local < v_local)
+    return local, (ids >= 0) & (local >= 0) & (local < v_local)
 
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
                 UP: tl.constexpr, BLOCK_H: tl.constexpr):
     n = tl.program_id(0)
-    cols, local, owned = _row_ids(ids_ptr, n, u, vocab_start, v_local, UP)
+    cols = tl.arange(0, UP)
+    local, owned = _row_ids(ids_ptr, n, u, cols, vocab_start, v_local)
     acc = tl.zeros([UP], dtype=tl.float32)
     for h0 in range(0, hdim, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -65,36 +66,37 @@ def _fwd_kernel(h_ptr, w_ptr, ids_ptr, out_ptr, u, hdim, vocab_start, v_local,
 
 @triton.jit
 def _grad_hidden_kernel(g_ptr, w_ptr, ids_ptr, gh_ptr, u, hdim, vocab_start, v_local,
-                        UP: tl.constexpr, BLOCK_H: tl.constexpr):
+                        BLOCK_U: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row n: sum over its ids of g[n, j] * W[ids[n, j]], BLOCK_U ids at a time, each thread
+    summing its own columns over the BLOCK_U ids (the launch puts every warp along H)."""
     n = tl.program_id(0)
-    cols, local, owned = _row_ids(ids_ptr, n, u, vocab_start, v_local, UP)
-    g = tl.load(g_ptr + n * u + cols, mask=owned, other=0.0).to(tl.float32)
     for h0 in range(0, hdim, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         in_h = hs < hdim
-        w = tl.load(w_ptr + local[:, None] * hdim + hs[None, :],
-                    mask=owned[:, None] & in_h[None, :], other=0.0).to(tl.float32)
-        tl.store(gh_ptr + n * hdim + hs,
-                 tl.sum(g[:, None] * w, axis=0).to(gh_ptr.dtype.element_ty), mask=in_h)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for u0 in range(0, u, BLOCK_U):
+            cols = u0 + tl.arange(0, BLOCK_U)
+            local, owned = _row_ids(ids_ptr, n, u, cols, vocab_start, v_local)
+            g = tl.load(g_ptr + n * u + cols, mask=owned, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + local[:, None] * hdim + hs[None, :],
+                        mask=owned[:, None] & in_h[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(g[:, None] * w, axis=0)
+        tl.store(gh_ptr + n * hdim + hs, acc.to(gh_ptr.dtype.element_ty), mask=in_h)
 
 
-@tuned([triton.Config({"BLOCK_J": j, "BLOCK_H": h}, num_warps=w)
-        for j, h, w in ((8, 256, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8),
-                        (32, 128, 8))],
-       key=["hdim"], interpreted=triton.Config({"BLOCK_J": 16, "BLOCK_H": 32}))
 @triton.jit
-def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, ends_ptr, rows_ptr, out_ptr,
-                        part_ptr, u, hdim, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program i: the sum of g[p] * hidden[p // u] over the sorted flat positions
-    p = order[starts[i]:ends[i]], BLOCK_H columns at a time, into row rows[i] of `out` (a
-    whole segment) or, for rows[i] = -1 - r, row r of the float32 `part` (one piece of a
-    segment split over programs). One program per piece: with random ids most segments hold
-    a few entries, and a grid over column blocks too made ~1.2 M mostly-masked programs
-    (docs/benchmarks.md, run 5)."""
+def _segment_sum_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, ends_ptr, part_lo_ptr, part_hi_ptr,
+                        part_ptr, out_ptr, u, hdim, BLOCK_J: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """Row i of `out`: the sum of g[p] * hidden[p // u] over the sorted flat positions
+    p = order[starts[i]:ends[i]], BLOCK_J at a time, then of the float32 rows
+    part[part_lo[i]:part_hi[i]] (the other pieces of a long segment), in that fixed order.
+    An empty row is written as zeros. Each thread sums its own columns (warps along H)."""
     i = tl.program_id(0)
     start = tl.load(starts_ptr + i)
     end = tl.load(ends_ptr + i)
-    row = tl.load(rows_ptr + i)
+    part_lo = tl.load(part_lo_ptr + i)
+    part_hi = tl.load(part_hi_ptr + i)
     for h0 in range(0, hdim, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         in_h = hs < hdim
@@ -107,59 +109,71 @@ def _grad_weight_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, ends_ptr, rows_ptr,
             h = tl.load(h_ptr + (p // u)[:, None] * hdim + hs[None, :],
                         mask=in_j[:, None] & in_h[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(g[:, None] * h, axis=0)
-        if row >= 0:
-            tl.store(out_ptr + row * hdim + hs, acc.to(out_ptr.dtype.element_ty), mask=in_h)
-        else:
-            tl.store(part_ptr + (-1 - row) * hdim + hs, acc, mask=in_h)
+        for q in range(part_lo, part_hi):
+            acc += tl.load(part_ptr + q * hdim + hs, mask=in_h, other=0.0)
+        tl.store(out_ptr + i * hdim + hs, acc.to(out_ptr.dtype.element_ty), mask=in_h)
 
 
-# Entries per program of the weight gradient: a segment longer than this (an id in the union
-# of most rows, e.g. the stop token) is split into pieces summed by separate programs, then
-# its pieces are summed in order. One program over a 16,384-entry segment would take the whole
-# gradient's time on one multiprocessor.
-SEGMENT_PIECE = 256
+# Entries summed by one program of the weight gradient: a longer segment (an id in the union
+# of many rows, e.g. the stop token) gets its further pieces summed by other programs into
+# float32 rows first. One program over a 16,384-entry segment would take the whole gradient's
+# time on one multiprocessor.
+SEGMENT_PIECE = 512
 
 
 def _weight_grad(grad_out, hidden, ids, vocab_start: int, weight) -> torch.Tensor:
-    """The weight shard's gradient: per owned id, the sum over its entries, deterministic (each
-    sum in one fixed order, in float32), written in the weight's dtype; other rows zero."""
+    """The weight shard's gradient: per row, the sum over its id's entries, deterministic (each
+    sum in one fixed order, in float32), written in the weight's dtype; other rows zero. No
+    host synchronisation: every size is known on the host, the pieces' number up to a bound."""
     u, hdim, v_local = ids.shape[1], hidden.shape[1], weight.shape[0]
+    dev = ids.device
     local, owned = _local_ids(ids, vocab_start, v_local)
-    keys, order = torch.sort(local.where(owned, v_local).flatten(), stable=True)
-    seg_ids, counts = torch.unique_consecutive(keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    # unowned entries sort last, under the id v_local: their segment gets no program
-    pieces = (counts + SEGMENT_PIECE - 1) // SEGMENT_PIECE * (seg_ids < v_local)
-    total, split = torch.stack([pieces.sum(), (pieces * (pieces > 1)).sum()]).tolist()
-    seg = torch.repeat_interleave(torch.arange(seg_ids.numel(), device=ids.device), pieces,
-                                  output_size=total)
-    first = torch.cumsum(pieces, 0) - pieces
-    piece_start = starts[seg] + (torch.arange(total, device=ids.device) - first[seg]) * SEGMENT_PIECE
-    piece_end = torch.minimum(piece_start + SEGMENT_PIECE, starts[seg] + counts[seg])
-    is_split = pieces[seg] > 1
-    rows = torch.where(is_split, -torch.cumsum(is_split, 0), seg_ids[seg])  # -1 - rank
-    grad_w = torch.zeros_like(weight)
-    part = torch.empty(max(split, 1), hdim, dtype=torch.float32, device=ids.device)
-    if total:
-        _grad_weight_kernel[(total,)](grad_out, hidden, order, piece_start, piece_end, rows,
-                                      grad_w, part, u, hdim)
-    if split:  # each split segment: its pieces (consecutive rows of `part`) summed in order
-        whole = (pieces > 1).nonzero()[:, 0]
-        ends = torch.cumsum(pieces[whole], 0)
-        _grad_weight_kernel[(whole.numel(),)](
-            torch.ones(split, device=ids.device), part, torch.arange(split, device=ids.device),
-            ends - pieces[whole], ends, seg_ids[whole], grad_w, part, 1, hdim)
+    # unowned entries sort last, under the key v_local, outside every row's range
+    keys, order = torch.sort(local.where(owned, v_local).flatten().int(), stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(v_local + 1, dtype=torch.int32, device=dev))
+    starts, ends = bounds[:-1], bounds[1:]
+    extra = (ends - starts - 1).clamp(min=0) // SEGMENT_PIECE  # pieces after the row's first
+    part_hi = torch.cumsum(extra, 0)
+    part_lo = part_hi - extra
+    # piece q (q < part_hi[-1]) is piece q - part_lo[r] + 1 of row r; beyond, an empty one
+    bound = ids.numel() // SEGMENT_PIECE + 1
+    q = torch.arange(bound, device=dev)
+    row = torch.searchsorted(part_hi, q, right=True).clamp(max=v_local - 1)
+    piece_start = starts[row] + (q - part_lo[row] + 1) * SEGMENT_PIECE
+    piece_end = torch.minimum(piece_start + SEGMENT_PIECE, ends[row]).where(q < part_hi[-1], 0)
+    part = torch.empty(bound, hdim, dtype=torch.float32, device=dev)
+    block_h, warps = _tile(hdim, hidden)
+    no_parts = torch.zeros(bound, dtype=torch.int64, device=dev)
+    _segment_sum_kernel[(bound,)](grad_out, hidden, order, piece_start, piece_end, no_parts,
+                                  no_parts, part, part, u, hdim, BLOCK_J=SUM_BLOCK,
+                                  BLOCK_H=block_h, num_warps=warps)
+    grad_w = torch.empty_like(weight)
+    _segment_sum_kernel[(v_local,)](grad_out, hidden, order, starts,
+                                    torch.minimum(ends, starts + SEGMENT_PIECE), part_lo, part_hi,
+                                    part, grad_w, u, hdim, BLOCK_J=SUM_BLOCK, BLOCK_H=block_h,
+                                    num_warps=warps)
     return grad_w
 
 
-# The forward and hidden-gradient kernels hold a [UP, BLOCK_H] tile of 8,192 weights: 64 per
-# thread at 4 warps, which spilled at UP = 64 (255 registers; tools/compile_kernels.py)
+# The forward kernel's [UP, BLOCK_H] tile of 8,192 weights at 8 warps read its weight rows at
+# the copy bandwidth of an H100 (docs/benchmarks.md, run 7)
 TILE_WARPS = 8
+# Rows (ids, entries) per step of the gradient kernels' sums over the union or a segment
+SUM_BLOCK = 8
 
 
 def _launch_shape(u: int, hdim: int):
     up = next_pow2(u)
     return up, max(16, min(next_pow2(hdim), 8192 // up))
+
+
+def _tile(hdim: int, rows: torch.Tensor) -> tuple[int, int]:
+    """Columns and warps of the gradient kernels' [SUM_BLOCK, columns] tiles of `rows`: 16-byte
+    loads, a warp's 32 threads side by side along H and as many warps as fill the columns, so
+    each sum over the tile's rows stays within its threads. Summed across warps (through shared
+    memory, once per block of H) the hidden gradient took 2.5x the forward's time on an H100."""
+    block_h = min(next_pow2(hdim), 1024)
+    return block_h, max(1, block_h * rows.element_size() // (16 * 32))
 
 
 class _SparseLogits(torch.autograd.Function):
@@ -184,9 +198,9 @@ class _SparseLogits(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         # summed in float32, stored once in the hidden states' dtype (no float32 copy to cast)
         grad_h = torch.empty(n, hdim, dtype=hidden.dtype, device=hidden.device)
-        up, block_h = _launch_shape(u, hdim)
+        block_h, warps = _tile(hdim, weight)
         _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
-                                  v_local, UP=up, BLOCK_H=block_h, num_warps=TILE_WARPS)
+                                  v_local, BLOCK_U=SUM_BLOCK, BLOCK_H=block_h, num_warps=warps)
         grad_w = _weight_grad(grad_out, hidden, ids, ctx.vocab_start, weight)
         return grad_h, grad_w, None, None
 
