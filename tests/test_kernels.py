@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
+from ark_mega.kernels.add_rms_norm import add_rms_norm
 from ark_mega.kernels.decode_rope import rope_into_cache
 from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
 from ark_mega.kernels.sparse_lm_head import sparse_logits_reference
@@ -304,6 +305,34 @@ def test_decode_rope_against_float64(hn, rot, impl):
     others = [p for p in range(max_len) if p != pos]
     assert torch.equal(k_dev[:, :, others], keys[:, :, others])
     assert torch.equal(v_dev[:, :, others], values[:, :, others])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("width, eps", [(896, 1e-6), (64, None)])
+def test_add_rms_norm_against_float64(width, eps, impl):
+    """The residual sum and its RMSNorm (eps None: the dtype's epsilon, as torch's), on rows
+    whose scales differ by 10^4 (each row is normalised by its own mean square)."""
+    gen = torch.Generator().manual_seed(width)
+    hidden, delta = (torch.randn(3, 5, width, generator=gen) * torch.logspace(-2, 2, 5)[:, None]
+                     for _ in range(2))
+    weight = torch.randn(width, generator=gen)
+    total, normed = add_rms_norm(*on_dev(hidden, delta, weight), eps, impl=impl)
+    x = hidden.double() + delta.double()
+    mean_square = x.pow(2).mean(-1, keepdim=True)
+    ref = x / (mean_square + (torch.finfo(torch.float32).eps if eps is None else eps)).sqrt()
+    assert rel(total.cpu(), x) < 1e-6
+    assert rel(normed.cpu(), ref * weight.double()) < 1e-5
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="bf16 runs compiled on a GPU only")
+def test_add_rms_norm_rounds_as_torch_in_bf16():
+    gen = torch.Generator().manual_seed(0)
+    hidden, delta, weight = on_dev(*(torch.randn(*shape, generator=gen).to(torch.bfloat16)
+                                     for shape in ((64, 896), (64, 896), (896,))))
+    got = add_rms_norm(hidden, delta, weight, 1e-6, impl="triton")
+    ref = add_rms_norm(hidden, delta, weight, 1e-6, impl="torch")
+    assert torch.equal(got[0], ref[0])
+    assert rel(got[1].float(), ref[1].float()) < 1e-2
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -33,9 +33,11 @@ sys.path.insert(0, ROOT)
 def run_every_op() -> None:
     """Each op once, forward and backward, on two rows with the block sizes of the real widths
     (top-k 32 and 64; heads of 128 with full and 64 with half rotary; a hidden width of 256
-    already gives the largest blocks; the decoding attention of both student families), so the
+    already gives the largest blocks; the decoding attention and norms of both student
+    families), so the
     registers are those of training and decoding."""
     from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
+    from ark_mega.kernels.add_rms_norm import add_rms_norm
     from ark_mega.kernels.decode_attention import cached_attention
     from ark_mega.kernels.decode_rope import rope_into_cache
     from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
@@ -68,6 +70,9 @@ def run_every_op() -> None:
         keys = torch.randn(2, groups, 70, hn, dtype=torch.bfloat16, generator=gen)
         cached_attention(query, keys, keys, torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16),
                          None, impl="triton")
+    for width in (896, 1024):  # Ark-ASR's and Qwen3-ASR's students
+        hidden = torch.randn(1, 2, width, dtype=torch.bfloat16, generator=gen)
+        add_rms_norm(hidden, hidden, hidden[0, 0], 1e-6, impl="triton")
 
 
 def record_launches(path: str) -> None:

@@ -7,8 +7,9 @@ Python (docs/benchmarks.md: decoding ran at 14% GPU utilisation). Here the write
 device tensor and every shape is fixed for the whole rollout, so the step is one CUDA graph
 replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
 q/k norms, output projection, MLP, embedding, output layer) and does only the cache write, RoPE
-at the position (`ark_mega.kernels.decode_rope`: two launches per layer) and the attention
-itself (`ark_mega.kernels.decode_attention`: one launch). Keys are cached with RoPE applied, so
+at the position (`ark_mega.kernels.decode_rope`: two launches per layer), the attention itself
+(`ark_mega.kernels.decode_attention`: one launch) and, for torch's RMSNorm, each residual add
+with the norm that follows it (`ark_mega.kernels.add_rms_norm`: one launch each). Keys are cached with RoPE applied, so
 a step rotates one key per layer, not the whole cache.
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
@@ -24,6 +25,7 @@ from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 from ..kernels import compiled_only
+from ..kernels.add_rms_norm import add_rms_norm
 from ..kernels.decode_attention import cached_attention
 from ..kernels.decode_rope import rope_into_cache
 from ..kernels.rope import rope_tables
@@ -110,31 +112,47 @@ class DecodeStep:
         return self.output
 
     def _forward(self) -> torch.Tensor:
-        hidden = self.input
         mask = attention_bias(self.key_padded | (self.key_positions > self.position),
                               self.input.dtype)
+        hidden = self.input
         with get_fp8_context(self.config) if self.config.fp8 else contextlib.nullcontext():
-            for layer, cache in zip(self.layers, self.caches):
-                hidden = self._layer(layer, hidden, cache, mask)
+            normed = self.layers[0].input_layernorm(hidden)
+            for i, (layer, cache) in enumerate(zip(self.layers, self.caches)):
+                following = (self.layers[i + 1].input_layernorm if i + 1 < len(self.layers)
+                             else self.final_norm)
+                hidden, normed = self._layer(layer, hidden, normed, cache, mask, following)
         self.position.add_(1)
         if self.final_norm is None:
             return hidden
-        hidden = self.final_norm(hidden)
-        return self.model.logits(hidden)[0]
+        return self.model.logits(normed)[0]
 
-    def _layer(self, layer, hidden, cache, mask):
+    def _layer(self, layer, hidden, normed, cache, mask, following):
+        """The layer on `hidden` (`normed`: its input norm's output): the residual stream after
+        it and that stream through `following` (the next layer's input norm, the final norm, or
+        None on a stage's last layer before another stage)."""
         attention = layer.self_attention
-        query, key, value = attention.get_query_key_value_tensors(
-            layer.input_layernorm(hidden), None)[:3]  # [1, b, heads, hn]
-        keys, values = cache
+        query, key, value = attention.get_query_key_value_tensors(normed, None)[:3]
+        keys, values = cache  # query, key, value: [1, b, heads, hn]
         query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
                                 impl=compiled_only(query))
         context = cached_attention(query, keys, values, mask, self.config.softmax_scale,
                                    impl=compiled_only(query))
         out, bias = attention.linear_proj(context)
-        hidden = hidden + (out if bias is None else out + bias)
-        out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
-        return hidden + (out if bias is None else out + bias)
+        hidden, normed = add_and_norm(hidden, out if bias is None else out + bias,
+                                      layer.pre_mlp_layernorm)
+        out, bias = layer.mlp(normed)
+        return add_and_norm(hidden, out if bias is None else out + bias, following)
+
+
+def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor, norm):
+    """hidden + delta, and `norm` of it (None: no norm); torch's RMSNorm (the local layers')
+    with the add in one launch on a GPU (`ark_mega.kernels.add_rms_norm`)."""
+    if norm is None:
+        return hidden + delta, None
+    if isinstance(norm, torch.nn.RMSNorm):
+        return add_rms_norm(hidden, delta, norm.weight, norm.eps, impl=compiled_only(hidden))
+    total = hidden + delta
+    return total, norm(total)
 
 
 def attention_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
