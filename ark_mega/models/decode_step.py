@@ -6,11 +6,11 @@ every cached key at every step, so each step is a new sequence of ~1,300 kernel 
 Python (docs/benchmarks.md: decoding ran at 14% GPU utilisation). Here the write position is a
 device tensor and every shape is fixed for the whole rollout, so the step is one CUDA graph
 replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
-q/k norms, output projection, MLP, embedding, output layer) and does only the cache write, RoPE
-at the position (`ark_mega.kernels.decode_rope`: two launches per layer), the attention itself
-(`ark_mega.kernels.decode_attention`: one launch) and, for torch's RMSNorm, each residual add
-with the norm that follows it (`ark_mega.kernels.add_rms_norm`: one launch each). Keys are cached with RoPE applied, so
-a step rotates one key per layer, not the whole cache.
+q/k norms, output projection, MLP, embedding, output layer) and does only the cache write and
+RoPE at the position (`ark_mega.kernels.decode_rope`: one launch per layer), the attention
+itself (`ark_mega.kernels.decode_attention`: one launch) and, for torch's RMSNorm, each residual
+add with the norm that follows it (`ark_mega.kernels.add_rms_norm`: one launch each). Keys are
+cached with RoPE applied, so a step rotates one key per layer, not the whole cache.
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
 and the positions not yet written are masked.
