@@ -226,6 +226,22 @@ def test_sparse_lm_head_weight_gradient_segments(piece, columns, monkeypatch):
         assert rel(runs[0], w64.grad[rows]) < 1e-5
 
 
+def test_sparse_lm_head_never_waits_for_the_device(host_reads, monkeypatch):
+    """Forward and backward, with a segment split into pieces, read nothing on the host: each
+    read waits for the GPU, and the launches after it leave the GPU idle (run 7's backward
+    read twice)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(40, 24, generator=gen), torch.randn(V, 24, generator=gen)
+    ids = torch.randint(0, V, (40, 16), generator=gen)
+    ids[:, :2] = 7  # 80 entries of one id, split into pieces of 16
+    monkeypatch.setattr(importlib.import_module("ark_mega.kernels.sparse_lm_head"),
+                        "SEGMENT_PIECE", 16)
+    hk, wk = (t.to(DEV).requires_grad_() for t in (hidden, weight))
+    host_reads.clear()
+    sparse_lm_head(hk, wk, ids.to(DEV), impl="triton").sum().backward()
+    assert host_reads == []
+
+
 def test_sparse_lm_head_reference_gradcheck():
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
