@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from ark_mega.models import preset
 from opd_setup import ROOT
 
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
@@ -38,6 +40,12 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     assert bench["shared_rollout_loss_ours"] == pytest.approx(bench["shared_rollout_loss_baseline"],
                                                               rel=1e-4)
     assert parts["decode"]["figures"]["decode_tokens_per_s"] > 0
+    # the decoding step's own ops, apart from the prefill: per step, each decoder layer's four
+    # projections and the output layer
+    profile = (tmp_path / "decode.profile.txt").read_text()
+    steps = profile[profile.index("per steady decoding step"):].splitlines()
+    mm = next(line.split() for line in steps if line.endswith(" aten::mm"))
+    assert float(mm[1]) == 4 * preset("tiny_ark_asr").decoder.num_layers + 1, mm
     assert parts["sft"]["figures"]["model_tflop_per_step"] > 0
     assert {"torch", "triton", "megatron-core", "transformer-engine"} <= set(report["versions"])
     table = (tmp_path / "gpu_check.md").read_text()

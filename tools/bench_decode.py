@@ -13,7 +13,8 @@ graph warm it up eagerly and capture it, once per rollout) and their fraction of
 tokens/s over all the steps after the prefill (`rollout_decode_tokens_per_s`);
 on a GPU with the decoding step replayed as a CUDA graph (the default) and, as the same run's
 baseline, without. Should the graph's capture fail, the run reports its error and the eager
-figures.
+figures. With --profile: where a whole rollout's time goes, then each kernel's calls and time
+per steady step (a rollout's kernels less those of a 3-token one, per extra step).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import warnings
 
 import torch
 
-from device_speed import bench_device, bench_parser, copy_gbps, report, sync, write_profile
+from device_speed import (bench_device, bench_parser, copy_gbps, report, sync,
+                          write_difference_profile, write_profile)
 from random_models import random_model, toy_tokenizer
 
 
@@ -114,8 +116,10 @@ def main() -> int:
         "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
     }
     report(result, args.out)
-    if args.profile:  # a whole rollout: its replayed steps outweigh the prefill
+    if args.profile:  # a whole rollout, then its steady steps apart from its prefill and capture
         write_profile(args.profile, lambda: run(args.new_tokens), dev)
+        write_difference_profile(args.profile, lambda: run(args.new_tokens), lambda: run(3),
+                                 args.new_tokens - 3, dev, "steady decoding step")
     return 0
 
 

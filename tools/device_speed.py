@@ -77,22 +77,26 @@ def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> 
     return 2 * n ** 3 / ms / 1e9
 
 
-def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
-    """Where the time of one fn() call goes (torch.profiler): the ops by device time and by
-    host time, and the call's wall time against the device's busy time (far below it: the
-    host, not the GPU, sets the pace)."""
+def _profiled(fn, device: torch.device):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     sync(device)
-    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         fn()
         sync(device)
+    return prof.key_averages()
+
+
+def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
+    """Where the time of one fn() call goes (torch.profiler): the ops by device time and by
+    host time, and the call's wall time against the device's busy time (far below it: the
+    host, not the GPU, sets the pace)."""
+    t0 = time.perf_counter()
+    events = _profiled(fn, device)
     wall_ms = (time.perf_counter() - t0) * 1e3
-    events = prof.key_averages()
     kernels = [e for e in events if e.device_type.name == "CUDA"]  # not the ops that launch them
     device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
     with open(path, "w") as f:
@@ -103,6 +107,34 @@ def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
             f.write(events.table(sort_by="self_device_time_total", row_limit=rows) + "\n")
         f.write("by host time\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n")
+
+
+def write_difference_profile(path: str, longer, shorter, extra: int, device: torch.device,
+                             what: str, rows: int = 40) -> None:
+    """Appended to `path`: what `extra` repetitions of something cost, as the kernels of a
+    longer() call less those of a shorter() one (on the CPU its ops, by host time): per
+    repetition each kernel's calls and microseconds. Where the repetitions cannot be run
+    alone (decoding steps inside a rollout), this separates them from the rest."""
+    def times(fn):
+        if device.type == "cuda":
+            return {e.key: (e.count, e.self_device_time_total) for e in _profiled(fn, device)
+                    if e.device_type.name == "CUDA"}
+        return {e.key: (e.count, e.self_cpu_time_total) for e in _profiled(fn, device)}
+
+    long_times, short_times = times(longer), times(shorter)
+    per = {name: ((calls - short_times.get(name, (0, 0))[0]) / extra,
+                  (us - short_times.get(name, (0, 0.0))[1]) / extra)
+           for name, (calls, us) in long_times.items()}
+    per = sorted(((us, calls, name) for name, (calls, us) in per.items() if calls > 0),
+                 reverse=True)
+    clock = "device" if device.type == "cuda" else "host"
+    with open(path, "a") as f:
+        f.write(f"\nper {what} ({clock} time of the longer call less the shorter one, / {extra}): "
+                f"{sum(us for us, _, _ in per):.1f} us, {sum(c for _, c, _ in per):.0f} "
+                f"{'kernels' if device.type == 'cuda' else 'ops'}\n")
+        f.write(f"{'us':>9} {'calls':>6} {'us/call':>8}  name\n")
+        for us, calls, name in per[:rows]:
+            f.write(f"{us:9.1f} {calls:6.1f} {us / calls:8.2f}  {name[:100]}\n")
 
 
 def report(result: dict, out: str | None) -> None:
