@@ -117,9 +117,9 @@ def main() -> int:
     }
     report(result, args.out)
     if args.profile:  # a whole rollout, then its steady steps apart from its prefill and capture
-        write_profile(args.profile, lambda: run(args.new_tokens), dev)
-        write_difference_profile(args.profile, lambda: run(args.new_tokens), lambda: run(3),
-                                 args.new_tokens - 3, dev, "steady decoding step")
+        rollout = write_profile(args.profile, lambda: run(args.new_tokens), dev)
+        write_difference_profile(args.profile, rollout, lambda: run(3), args.new_tokens - 3, dev,
+                                 "steady decoding step")
     return 0
 
 

@@ -8,8 +8,9 @@ Each op runs once on tiny CPU inputs under Triton's interpreter (in a subprocess
 records every kernel launch with the arguments the op passes, specialized as a GPU launch
 specializes them (pointers and integers divisible by 16, which set vector widths, layouts and
 registers); each launch is then compiled for the target by Triton (with its own ptxas), once
-per launch configuration its autotuner may pick on a GPU. Prints each kernel's registers, stack and shared memory, and exits 1 if any fails to
-compile: such a failure would otherwise cost minutes of a GPU lent for a short time.
+per launch configuration its autotuner may pick on a GPU. Prints each kernel's registers,
+stack and shared memory, and exits 1 if any fails to compile: such a failure would otherwise
+cost minutes of a GPU lent for a short time.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ def run_every_op() -> None:
     """Each op once, forward and backward, on two rows with the block sizes of the real widths
     (top-k 32 and 64; heads of 128 with full and 64 with half rotary; a hidden width of 256
     already gives the largest blocks; the decoding attention and norms of both student
-    families), so the
-    registers are those of training and decoding."""
+    families), so the registers are those of training and decoding."""
     from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
     from ark_mega.kernels.add_rms_norm import add_rms_norm
     from ark_mega.kernels.decode_attention import cached_attention

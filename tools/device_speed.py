@@ -90,10 +90,10 @@ def _profiled(fn, device: torch.device):
     return prof.key_averages()
 
 
-def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
+def write_profile(path: str, fn, device: torch.device, rows: int = 30):
     """Where the time of one fn() call goes (torch.profiler): the ops by device time and by
     host time, and the call's wall time against the device's busy time (far below it: the
-    host, not the GPU, sets the pace)."""
+    host, not the GPU, sets the pace). Returns the profiled events."""
     t0 = time.perf_counter()
     events = _profiled(fn, device)
     wall_ms = (time.perf_counter() - t0) * 1e3
@@ -107,26 +107,29 @@ def write_profile(path: str, fn, device: torch.device, rows: int = 30) -> None:
             f.write(events.table(sort_by="self_device_time_total", row_limit=rows) + "\n")
         f.write("by host time\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n")
+    return events
 
 
 def write_difference_profile(path: str, longer, shorter, extra: int, device: torch.device,
                              what: str, rows: int = 40) -> None:
     """Appended to `path`: what `extra` repetitions of something cost, as the kernels of a
-    longer() call less those of a shorter() one (on the CPU its ops, by host time): per
-    repetition each kernel's calls and microseconds. Where the repetitions cannot be run
-    alone (decoding steps inside a rollout), this separates them from the rest."""
-    def times(fn):
+    longer call (its profiled events, from `write_profile`) less those of a shorter() one (on
+    the CPU its ops, by host time): per repetition each kernel's calls and microseconds. Where
+    the repetitions cannot be run alone (decoding steps inside a rollout), this separates them
+    from the rest."""
+    def times(events):
         if device.type == "cuda":
-            return {e.key: (e.count, e.self_device_time_total) for e in _profiled(fn, device)
+            return {e.key: (e.count, e.self_device_time_total) for e in events
                     if e.device_type.name == "CUDA"}
-        return {e.key: (e.count, e.self_cpu_time_total) for e in _profiled(fn, device)}
+        return {e.key: (e.count, e.self_cpu_time_total) for e in events}
 
-    long_times, short_times = times(longer), times(shorter)
-    per = {name: ((calls - short_times.get(name, (0, 0))[0]) / extra,
-                  (us - short_times.get(name, (0, 0.0))[1]) / extra)
-           for name, (calls, us) in long_times.items()}
-    per = sorted(((us, calls, name) for name, (calls, us) in per.items() if calls > 0),
-                 reverse=True)
+    short_times = times(_profiled(shorter, device))
+    per = []
+    for name, (calls, us) in times(longer).items():
+        short_calls, short_us = short_times.get(name, (0, 0.0))
+        if calls > short_calls:
+            per.append(((us - short_us) / extra, (calls - short_calls) / extra, name))
+    per.sort(reverse=True)
     clock = "device" if device.type == "cuda" else "host"
     with open(path, "a") as f:
         f.write(f"\nper {what} ({clock} time of the longer call less the shorter one, / {extra}): "

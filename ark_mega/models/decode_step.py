@@ -147,12 +147,10 @@ class DecodeStep:
 def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor, norm):
     """hidden + delta, and `norm` of it (None: no norm); torch's RMSNorm (the local layers')
     with the add in one launch on a GPU (`ark_mega.kernels.add_rms_norm`)."""
-    if norm is None:
-        return hidden + delta, None
     if isinstance(norm, torch.nn.RMSNorm):
         return add_rms_norm(hidden, delta, norm.weight, norm.eps, impl=compiled_only(hidden))
     total = hidden + delta
-    return total, norm(total)
+    return total, None if norm is None else norm(total)
 
 
 def attention_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
