@@ -111,12 +111,13 @@ def write_profile(path: str, fn, device: torch.device, rows: int = 30):
 
 
 def write_difference_profile(path: str, longer, shorter, extra: int, device: torch.device,
-                             what: str, rows: int = 40) -> None:
+                             what: str) -> None:
     """Appended to `path`: what `extra` repetitions of something cost, as the kernels of a
     longer call (its profiled events, from `write_profile`) less those of a shorter() one (on
-    the CPU its ops, by host time): per repetition each kernel's calls and microseconds. Where
-    the repetitions cannot be run alone (decoding steps inside a rollout), this separates them
-    from the rest."""
+    the CPU its ops, by host time): per repetition each kernel's calls and microseconds, every
+    kernel whose calls grew (the counts are exact; a time can come out below zero where the
+    shorter call was the noisier). Where the repetitions cannot be run alone (decoding steps
+    inside a rollout), this separates them from the rest."""
     def times(events):
         if device.type == "cuda":
             return {e.key: (e.count, e.self_device_time_total) for e in events
@@ -136,7 +137,7 @@ def write_difference_profile(path: str, longer, shorter, extra: int, device: tor
                 f"{sum(us for us, _, _ in per):.1f} us, {sum(c for _, c, _ in per):.0f} "
                 f"{'kernels' if device.type == 'cuda' else 'ops'}\n")
         f.write(f"{'us':>9} {'calls':>6} {'us/call':>8}  name\n")
-        for us, calls, name in per[:rows]:
+        for us, calls, name in per:
             f.write(f"{us:9.1f} {calls:6.1f} {us / calls:8.2f}  {name[:100]}\n")
 
 
