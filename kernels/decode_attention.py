@@ -1,13 +1,21 @@
-"""Attention of one decoding step against the KV cache.
+"""Attention of one decoding step, with the step's RoPE and KV-cache write: one launch per layer.
 
-One query per row and head [1, b, heads, hn] against keys / values [b, groups, max_len, hn] and
-an additive bias [b, 1, 1, max_len] (0, or -inf for padded and unwritten positions). The
-reference hands each key group's query heads to SDPA as that group's query positions, so the
-cache is read once and never expanded to the query heads. On an H100 (docs/benchmarks.md, run
-7) cuDNN's kernel for it took ~12.6 us per layer at 64 rows and at 2, where a copy reads the
-64 rows' cache of a layer in ~5 us. The kernel: one program per (row, key group) streams that
-group's keys and values once, a block of positions at a time, with an online softmax; the
-group's query heads are the rows of its tiles.
+The step's query heads [1, b, groups, per_group, hn] and key and value heads [1, b, groups, hn]
+(views of the layer's one QKV projection: megatron's own split copies the query heads) are
+rotated at `position` (a device tensor [1]; half-split RoPE on the first `rot` dims, as
+megatron's, `kernels/rope.py`); the rotated key and the value go into the cache
+[b, groups, max_len, hn] there; each query then attends to the cache up to and including the
+position, under an additive bias [b, 1, 1, max_len] (0, or -inf at padding). Keys are cached
+rotated, so a step rotates one key per layer, not the whole cache.
+
+Written as separate launches this was a copy of the query heads, a RoPE-and-write kernel and
+the attention. The kernel: one program per (row, key group) rotates that group's query heads
+and its key, writes key and value, then streams the cache's earlier positions once, a block at
+a time, with an online softmax, the group's query heads being the rows of its tiles; the new
+position's score comes from registers, so nothing is read back that the program just wrote.
+Positions after the step's are never read. On an H100 (docs/benchmarks.md, run 7) cuDNN's
+attention alone took ~12.6 us per layer at 64 rows and at 2, where a copy reads the 64 rows'
+cache of a layer in ~5 us.
 """
 
 from __future__ import annotations
@@ -20,75 +28,117 @@ import triton
 import triton.language as tl
 
 from ._backend import next_pow2, use_triton
+from .rope import rotate
 
 # cache positions per loop iteration: a [positions, head width] tile of 4,096 elements (8
 # warps; heads of 128 in blocks of 64 took 240 registers, tools/compile_kernels.py)
 TILE = 4096
 
 
-def cached_attention_reference(query, keys, values, bias, scale):
-    _, b, heads, hn = query.shape
-    groups = keys.shape[1]
-    q = query[0].reshape(b, groups, heads // groups, hn)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
-    return out.reshape(1, b, heads * hn)
+def decode_attention_reference(query, key, value, cos, sin, position, keys, values, bias, scale):
+    _, b, groups, per_group, hn = query.shape
+    at = (cos.index_select(0, position), sin.index_select(0, position))  # [1, rot]
+    keys.index_copy_(2, position, rotate(key, *at).permute(1, 2, 0, 3))
+    values.index_copy_(2, position, value.permute(1, 2, 0, 3))
+    # each key group's query heads are its query positions: the cache is read once, not
+    # expanded to the query heads
+    out = F.scaled_dot_product_attention(rotate(query[0], *at), keys, values, attn_mask=bias,
+                                         scale=scale)
+    return out.reshape(1, b, groups * per_group * hn)
 
 
 @triton.jit(do_not_specialize=["max_len"])
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, heads, groups, max_len, hn,
-                             bias_stride, scale, HP: tl.constexpr, HN: tl.constexpr,
-                             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, keys_ptr,
+                             values_ptr, bias_ptr, out_ptr, q_sb, q_sg, q_sh, k_sb, k_sg, v_sb,
+                             v_sg, groups, per_group, max_len, hn, rot, bias_stride, scale,
+                             HP: tl.constexpr, HN: tl.constexpr, BLOCK: tl.constexpr,
+                             PRECISION: tl.constexpr):
     row = tl.program_id(0)
     group = tl.program_id(1)
-    per_group = heads // groups
+    pos = tl.load(pos_ptr)
+    dtype = out_ptr.dtype.element_ty
     i = tl.arange(0, HP)
     d = tl.arange(0, HN)
-    q_at = (row * heads + group * per_group + i)[:, None] * hn + d[None, :]
-    q_in = (i[:, None] < per_group) & (d[None, :] < hn)
-    q = tl.load(q_ptr + q_at, mask=q_in, other=0.0)
+    in_d = d < hn
+    # x cos + rotate_half(x) sin as one product per column: column d's partner is d + rot/2 in
+    # the first half (taken negated), d - rot/2 in the second; past `rot`, cos 1 and sin 0
+    half = rot // 2
+    partner = tl.where(d < half, d + half, tl.where(d < rot, d - half, d))
+    c = tl.load(cos_ptr + pos * rot + d, mask=d < rot, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos * rot + d, mask=d < rot, other=0.0).to(tl.float32)
+    s = tl.where(d < half, -s, s)
+
+    q_at = q_ptr + row * q_sb + group * q_sg + i[:, None] * q_sh
+    q_in = (i[:, None] < per_group) & in_d[None, :]
+    q = (tl.load(q_at + d[None, :], mask=q_in, other=0.0).to(tl.float32) * c[None, :]
+         + tl.load(q_at + partner[None, :], mask=q_in, other=0.0).to(tl.float32) * s[None, :])
+    q = q.to(dtype)  # rounded as megatron's rotated query is
+    k_at = k_ptr + row * k_sb + group * k_sg
+    k = (tl.load(k_at + d, mask=in_d, other=0.0).to(tl.float32) * c
+         + tl.load(k_at + partner, mask=in_d, other=0.0).to(tl.float32) * s).to(dtype)
+    v = tl.load(v_ptr + row * v_sb + group * v_sg + d, mask=in_d, other=0.0)
     cache = (row * groups + group).to(tl.int64) * max_len
-    # a finite start: a block whose keys are all masked (-inf) then adds exp(-inf) = 0
-    best = tl.full([HP], -1e30, dtype=tl.float32)
-    total = tl.zeros([HP], dtype=tl.float32)
-    acc = tl.zeros([HP, HN], dtype=tl.float32)
-    for start in range(0, max_len, BLOCK):
+    tl.store(keys_ptr + (cache + pos) * hn + d, k, mask=in_d)
+    tl.store(values_ptr + (cache + pos) * hn + d, v, mask=in_d)
+
+    # the step's own position first (from registers), then the earlier ones: a finite start,
+    # so a block whose keys are all masked (-inf) adds exp(-inf) = 0
+    best = (tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale
+            + tl.load(bias_ptr + row * bias_stride + pos).to(tl.float32))
+    total = tl.full([HP], 1.0, dtype=tl.float32)
+    acc = tl.zeros([HP, HN], dtype=tl.float32) + v.to(tl.float32)[None, :]
+    for start in range(0, pos, BLOCK):
         j = start + tl.arange(0, BLOCK)
         kv_at = (cache + j)[:, None] * hn + d[None, :]
-        kv_in = (j[:, None] < max_len) & (d[None, :] < hn)
-        k = tl.load(k_ptr + kv_at, mask=kv_in, other=0.0)
-        v = tl.load(v_ptr + kv_at, mask=kv_in, other=0.0)
-        bias = tl.load(bias_ptr + row * bias_stride + j, mask=j < max_len, other=float("-inf"))
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias.to(tl.float32)[None, :]
-        new_best = tl.maximum(best, tl.max(s, axis=1))
-        p = tl.exp(s - new_best[:, None])
+        kv_in = (j[:, None] < pos) & in_d[None, :]
+        keys = tl.load(keys_ptr + kv_at, mask=kv_in, other=0.0)
+        vals = tl.load(values_ptr + kv_at, mask=kv_in, other=0.0)
+        bias = tl.load(bias_ptr + row * bias_stride + j, mask=j < pos, other=float("-inf"))
+        scores = (tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
+                  + bias.to(tl.float32)[None, :])
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        p = tl.exp(scores - new_best[:, None])
         shrink = tl.exp(best - new_best)
         total = total * shrink + tl.sum(p, axis=1)
-        acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * shrink[:, None] + tl.dot(p.to(vals.dtype), vals, input_precision=PRECISION)
         best = new_best
-    out = acc / total[:, None]
-    tl.store(out_ptr + q_at, out.to(out_ptr.dtype.element_ty), mask=q_in)
+    out_at = (row * groups * per_group + group * per_group + i)[:, None] * hn + d[None, :]
+    tl.store(out_ptr + out_at, (acc / total[:, None]).to(dtype), mask=q_in)
 
 
-def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     bias: torch.Tensor, scale: float | None, impl: str = "auto") -> torch.Tensor:
-    """query [1, b, heads, hn], keys / values [b, groups, max_len, hn] (contiguous), `bias`
-    [b, 1, 1, max_len] additive (rows may be strided) -> [1, b, heads * hn]; `scale` None is
-    1 / sqrt(hn). Every row needs at least one unmasked key."""
-    _, b, heads, hn = query.shape
-    groups, max_len = keys.shape[1], keys.shape[2]
-    if heads % groups or keys.shape != values.shape or keys.shape[::3] != (b, hn):
-        raise ValueError(f"query {tuple(query.shape)} does not fit keys {tuple(keys.shape)} and "
-                         f"values {tuple(values.shape)}")
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                     scale: float | None, impl: str = "auto") -> torch.Tensor:
+    """Query heads [1, b, groups, per_group, hn], key and value [1, b, groups, hn] (head dims
+    contiguous, any other strides) rotated at `position` ([1], a device tensor; tables `cos`,
+    `sin` [max_len, rot] from `rope_tables`); the rotated key and the value written into
+    `keys` / `values` [b, groups, max_len, hn] (contiguous) there; the query's attention over
+    the cache up to the position under `bias` [b, 1, 1, max_len] (additive; rows may be
+    strided; -inf at least after the position, for the reference) -> [1, b, heads * hn].
+    `scale` None is 1 / sqrt(hn)."""
+    _, b, groups, per_group, hn = query.shape
+    rot = cos.shape[-1]
+    if key.shape != (1, b, groups, hn) or value.shape != key.shape or keys.shape != values.shape \
+            or (keys.shape[:2], keys.shape[3]) != ((b, groups), hn):
+        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                         f"{tuple(value.shape)} do not fit the cache {tuple(keys.shape)} / "
+                         f"{tuple(values.shape)}")
+    if rot % 2 or rot > hn:
+        raise ValueError(f"rotary width {rot} must be even and at most the head width {hn}")
     if not use_triton(impl, query):
-        return cached_attention_reference(query, keys, values, bias, scale)
-    if not (keys.is_contiguous() and values.is_contiguous()) or bias.stride(-1) != 1:
-        raise ValueError("cached_attention needs a contiguous cache and bias rows")
-    query = query.contiguous()
-    out = torch.empty(1, b, heads * hn, dtype=query.dtype, device=query.device)
+        return decode_attention_reference(query, key, value, cos, sin, position, keys, values,
+                                          bias, scale)
+    if any(t.stride(-1) != 1 for t in (query, key, value, bias)) \
+            or not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("decode_attention needs contiguous head dims, bias rows and cache")
+    out = torch.empty(1, b, groups * per_group * hn, dtype=query.dtype, device=query.device)
     width = max(16, next_pow2(hn))  # tl.dot's smallest tile side
     _decode_attention_kernel[(b, groups)](
-        query, keys, values, bias, out, heads, groups, max_len, hn, bias.stride(0),
-        1.0 / math.sqrt(hn) if scale is None else scale, HP=max(16, next_pow2(heads // groups)),
+        query, key, value, cos, sin, position, keys, values, bias, out, query.stride(1),
+        query.stride(2), query.stride(3), key.stride(1), key.stride(2), value.stride(1),
+        value.stride(2), groups, per_group, keys.shape[2], hn, rot, bias.stride(0),
+        1.0 / math.sqrt(hn) if scale is None else scale, HP=max(16, next_pow2(per_group)),
         HN=width, BLOCK=max(16, TILE // width),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=8)
     return out

@@ -1,14 +1,14 @@
-"""The decoding step after the prefill (ark_mega.models.decode_step): its attention against the
-standard grouped-query form, and on a GPU the CUDA-graph replay against eager decoding.
-Generation against a full recomputation: tests/test_opd.py."""
+"""The decoding step after the prefill (ark_mega.models.decode_step): its attention with RoPE and
+the cache write against float64 from the definitions, and on a GPU the CUDA-graph replay against
+eager decoding. Generation against a full recomputation: tests/test_opd.py."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
-from ark_mega.kernels.decode_attention import cached_attention
+from ark_mega.kernels.decode_attention import decode_attention
+from ark_mega.kernels.rope import rope_tables
 from ark_mega.models.decode_step import attention_bias
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
@@ -17,47 +17,68 @@ from opd_setup import batch, model, tokenizer
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def rotated(x, angles, rot):
+    """float64, from the definition: x cos + rotate_half(x) sin on the first `rot` dims."""
+    x, c, s = x.double(), angles.double().cos(), angles.double().sin()
+    x1, x2 = x[..., :rot // 2], x[..., rot // 2:rot]
+    return torch.cat((x[..., :rot] * c + torch.cat((-x2, x1), -1) * s, x[..., rot:]), -1)
+
+
 @pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("triton", torch.float32),
                                         ("triton", torch.bfloat16)])
-@pytest.mark.parametrize("b,heads,groups,hn,max_len", [(3, 6, 2, 8, 11), (2, 14, 2, 64, 130)])
-def test_cached_attention_is_grouped_query_attention_over_the_unmasked_keys(impl, dtype, b, heads,
-                                                                            groups, hn, max_len):
-    """Both ways (SDPA per key group; the kernel, compiled on a GPU and through Triton's
-    interpreter on the CPU), at a toy shape and at Ark-ASR's (7 query heads per group, heads of
-    64) with a cache longer than two of the kernel's blocks and one row whose first 70 keys
-    are padding; in bf16 (GPU only) against float32 on the same bf16-rounded inputs."""
+@pytest.mark.parametrize("b,groups,per_group,hn,rot,max_len,pos",
+                         [(3, 2, 3, 12, 12, 11, 7), (3, 2, 2, 12, 8, 11, 4),
+                          (2, 1, 3, 16, 6, 9, 0), (2, 2, 7, 64, 64, 150, 133)])
+def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_position(
+        impl, dtype, b, groups, per_group, hn, rot, max_len, pos):
+    """Both ways (RoPE, cache write and SDPA per key group; the kernel, compiled on a GPU and
+    through Triton's interpreter on the CPU) against float64 from the definitions: query heads
+    and key rotated at the position (full and partial rotary widths), key and value written
+    there and nowhere else, each query head attending to its key group's unmasked positions up
+    to the step's own. q / k / v are strided views of one fused projection, as the decoding
+    step passes them. Shapes: toy ones, the first step after an empty cache, and Ark-ASR's
+    (7 query heads per group, heads of 64) with more than two of the kernel's blocks of
+    positions before the step and one row whose first 70 keys are padding; in bf16 (GPU only)
+    against float64 on the same bf16-rounded inputs."""
     if dtype == torch.bfloat16 and DEV.type != "cuda":
         pytest.skip("bf16 tiles run compiled on a GPU only")
-    gen = torch.Generator().manual_seed(0)
-    query = torch.randn(1, b, heads, hn, generator=gen).to(dtype).float()
-    keys, values = (torch.randn(b, groups, max_len, hn, generator=gen).to(dtype).float()
+    gen = torch.Generator().manual_seed(hn + rot + pos)
+    fused = torch.randn(1, b, groups, (per_group + 2) * hn, generator=gen).to(dtype)
+    query = fused[..., :per_group * hn].unflatten(-1, (per_group, hn))
+    key = fused[..., per_group * hn:(per_group + 1) * hn]
+    value = fused[..., (per_group + 1) * hn:]
+    angles = torch.rand(max_len, 1, 1, rot // 2, generator=gen).repeat(1, 1, 1, 2) * 10
+    cos, sin = rope_tables(angles, dtype)
+    keys, values = (torch.randn(b, groups, max_len, hn, generator=gen).to(dtype)
                     for _ in range(2))
-    blocked = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
-    blocked[..., 0] = False  # every row keeps a key
+    keys[:, :, pos + 1:] = 1e4  # not yet written: never attended to, whatever they hold
+    positions = torch.arange(max_len)
+    blocked = (torch.rand(b, 1, 1, max_len, generator=gen) < 0.4) | (positions > pos)
+    blocked[..., pos] = False  # the step's own key is never padding
     if max_len > 70:  # left padding spanning a whole block of 64 keys
         blocked[0, ..., :70] = True
-        blocked[0, ..., 70] = False
-    bias = attention_bias(blocked, query.dtype)
-    # rows 16-aligned at 11 keys: CUDA's memory-efficient attention would copy it otherwise
-    assert bias.shape == blocked.shape and all(st % 16 == 0 for st in bias.stride()[:-1])
-    # each query head h reads key group h // (heads / groups), as repeat_interleave expands it
-    per_group = heads // groups
-    ref = F.scaled_dot_product_attention(
-        query[0][:, :, None, :],  # [b, heads, 1, hn]
-        keys.repeat_interleave(per_group, 1), values.repeat_interleave(per_group, 1),
-        attn_mask=~blocked).reshape(1, b, heads * hn)
 
-    def run(keys):
-        on = [t.to(DEV, dtype) for t in (query, keys, values)]
-        return cached_attention(*on, attention_bias(blocked.to(DEV), dtype), None,
-                                impl=impl).float().cpu()
+    at = angles[pos, 0, 0]
+    new_keys, new_values = keys.double().clone(), values.double().clone()
+    new_keys[:, :, pos] = rotated(key, at, rot)[0]
+    new_values[:, :, pos] = value[0].double()
+    scores = rotated(query, at, rot)[0] @ new_keys.transpose(-1, -2) / hn ** 0.5
+    weights = scores.masked_fill(blocked, float("-inf")).softmax(-1)  # [b, groups, per, max_len]
+    expected = (weights @ new_values).reshape(1, b, groups * per_group * hn)
 
-    got = run(keys)
-    assert torch.allclose(got, ref, atol=1e-5 if dtype == torch.float32 else 2e-2)
-    # a masked key changes nothing, whatever it holds
-    row, pos = blocked[:, 0, 0].nonzero()[0].tolist()
-    keys[row, :, pos] = 1e4
-    assert torch.allclose(run(keys), got, atol=1e-6)
+    tables = [t.to(DEV) for t in (cos, sin)]
+    cache = [t.to(DEV) for t in (keys, values)]
+    got = decode_attention(*(t.to(DEV) for t in (query, key, value)), *tables,
+                           torch.tensor([pos], device=DEV), *cache,
+                           attention_bias(blocked.to(DEV), dtype), None, impl=impl)
+    cache = [t.cpu() for t in cache]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.cpu().double() - expected).abs().max() < tol
+    assert (cache[0][:, :, pos].double() - new_keys[:, :, pos]).abs().max() < tol
+    assert torch.equal(cache[1][:, :, pos], value[0])
+    others = [p for p in range(max_len) if p != pos]
+    assert torch.equal(cache[0][:, :, others], keys[:, :, others])
+    assert torch.equal(cache[1][:, :, others], values[:, :, others])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -41,11 +41,13 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
                                                               rel=1e-4)
     assert parts["decode"]["figures"]["decode_tokens_per_s"] > 0
     # the decoding step's own ops, apart from the prefill: per step, each decoder layer's four
-    # projections and the output layer
+    # projections (QKV with its bias in the matmul) and the output layer
     profile = (tmp_path / "decode.profile.txt").read_text()
     steps = profile[profile.index("per steady decoding step"):].splitlines()
-    mm = next(line.split() for line in steps if line.endswith(" aten::mm"))
-    assert float(mm[1]) == 4 * preset("tiny_ark_asr").decoder.num_layers + 1, mm
+    calls = {line.split()[-1]: float(line.split()[1]) for line in steps
+             if line.endswith((" aten::mm", " aten::addmm"))}
+    layers = preset("tiny_ark_asr").decoder.num_layers
+    assert calls == {"aten::mm": 3 * layers + 1, "aten::addmm": layers}, calls
     assert parts["sft"]["figures"]["model_tflop_per_step"] > 0
     assert {"torch", "triton", "megatron-core", "transformer-engine"} <= set(report["versions"])
     table = (tmp_path / "gpu_check.md").read_text()

@@ -11,7 +11,6 @@ import torch
 
 from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
 from ark_mega.kernels.add_rms_norm import add_rms_norm
-from ark_mega.kernels.decode_rope import rope_into_cache
 from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
 from ark_mega.kernels.sparse_lm_head import sparse_logits_reference
 from ark_mega.kernels.teacher_topk import teacher_topk_reference
@@ -290,37 +289,6 @@ def test_teacher_topk_with_blocked_leading_block_and_chunk():
         assert torch.isfinite(got.logprobs).all() and torch.isfinite(got.logprobs_at_student).all()
         assert torch.equal(got.ids, ref.ids)
         assert rel(got.logprobs_at_student, ref.logprobs_at_student) < 1e-5
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("hn,rot", [(12, 12), (12, 8), (16, 6)])
-def test_decode_rope_against_float64(hn, rot, impl):
-    """Query and key heads rotated at the step's position, key and value written into the cache
-    there and nowhere else; q / k / v are strided views of one fused projection, as megatron's."""
-    gen = torch.Generator().manual_seed(hn + rot)
-    b, groups, per_group, max_len, pos = 3, 2, 2, 9, 5
-    fused = torch.randn(1, b, groups, (per_group + 2) * hn, generator=gen)
-    query = fused[..., :per_group * hn].reshape(1, b, groups * per_group, hn)
-    key, value = fused[..., per_group * hn:(per_group + 1) * hn], fused[..., (per_group + 1) * hn:]
-    freqs = torch.rand(max_len, 1, 1, rot // 2, generator=gen).repeat(1, 1, 1, 2) * 10
-    cos, sin = rope_tables(freqs, torch.float32)
-    keys, values = (torch.randn(b, groups, max_len, hn, generator=gen) for _ in range(2))
-
-    def rotated(x):  # float64, from the definition: x * cos + rotate_half(x) * sin
-        x, c, s = x.double(), freqs[pos, 0, 0].double().cos(), freqs[pos, 0, 0].double().sin()
-        x1, x2 = x[..., :rot // 2], x[..., rot // 2:rot]
-        return torch.cat((x[..., :rot] * c + torch.cat((-x2, x1), -1) * s, x[..., rot:]), -1)
-
-    k_dev, v_dev = on_dev(keys.clone(), values.clone())
-    got = rope_into_cache(*on_dev(query, key, value, cos, sin, torch.tensor([pos])), k_dev,
-                          v_dev, impl=impl)
-    k_dev, v_dev = k_dev.cpu(), v_dev.cpu()
-    assert rel(got.cpu(), rotated(query)) < 1e-6
-    assert rel(k_dev[:, :, pos], rotated(key)[0]) < 1e-6
-    assert torch.equal(v_dev[:, :, pos], value[0])
-    others = [p for p in range(max_len) if p != pos]
-    assert torch.equal(k_dev[:, :, others], keys[:, :, others])
-    assert torch.equal(v_dev[:, :, others], values[:, :, others])
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -38,8 +38,7 @@ def run_every_op() -> None:
     families), so the registers are those of training and decoding."""
     from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_support
     from ark_mega.kernels.add_rms_norm import add_rms_norm
-    from ark_mega.kernels.decode_attention import cached_attention
-    from ark_mega.kernels.decode_rope import rope_into_cache
+    from ark_mega.kernels.decode_attention import decode_attention
     from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
 
     gen = torch.Generator().manual_seed(0)
@@ -61,15 +60,15 @@ def run_every_op() -> None:
         cos, sin = rope_tables(torch.rand(16, 1, 1, rot, generator=gen), torch.bfloat16)
         x = torch.randn(10, 4, hn, generator=gen, dtype=torch.bfloat16, requires_grad=True)
         packed_rope(x, *tables_at(cos, sin, (0, 3, 10)), impl="triton").sum().backward()
-        q, kv = (torch.randn(1, 2, heads, hn, dtype=torch.bfloat16, generator=gen)
-                 for heads in (4, 2))
-        cache = [torch.zeros(2, 2, 16, hn, dtype=torch.bfloat16) for _ in range(2)]
-        rope_into_cache(q, kv, kv, cos, sin, torch.tensor([3]), *cache, impl="triton")
     for heads, groups, hn in ((14, 2, 64), (16, 8, 128)):  # Ark-ASR's and Qwen3-ASR's students
-        query = torch.randn(1, 2, heads, hn, dtype=torch.bfloat16, generator=gen)
-        keys = torch.randn(2, groups, 70, hn, dtype=torch.bfloat16, generator=gen)
-        cached_attention(query, keys, keys, torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16),
-                         None, impl="triton")
+        per = heads // groups  # q / k / v as views of one projection, as the decoding step's
+        fused = torch.randn(1, 2, groups, (per + 2) * hn, dtype=torch.bfloat16, generator=gen)
+        cos, sin = rope_tables(torch.rand(70, 1, 1, hn, generator=gen), torch.bfloat16)
+        cache = [torch.zeros(2, groups, 70, hn, dtype=torch.bfloat16) for _ in range(2)]
+        decode_attention(fused[..., :per * hn].unflatten(-1, (per, hn)),
+                         fused[..., per * hn:(per + 1) * hn], fused[..., (per + 1) * hn:], cos,
+                         sin, torch.tensor([66]), *cache,
+                         torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16), None, impl="triton")
     for width in (896, 1024):  # Ark-ASR's and Qwen3-ASR's students
         hidden = torch.randn(1, 2, width, dtype=torch.bfloat16, generator=gen)
         add_rms_norm(hidden, hidden, hidden[0, 0], 1e-6, impl="triton")

@@ -5,12 +5,11 @@ megatron's static inference path slices its KV cache with a Python offset and re
 every cached key at every step, so each step is a new sequence of ~1,300 kernel launches through
 Python (docs/benchmarks.md: decoding ran at 14% GPU utilisation). Here the write position is a
 device tensor and every shape is fixed for the whole rollout, so the step is one CUDA graph
-replayed once per token. The step calls the layers' own modules (norms, QKV projection with its
-q/k norms, output projection, MLP, embedding, output layer) and does only the cache write and
-RoPE at the position (`ark_mega.kernels.decode_rope`: one launch per layer), the attention
-itself (`ark_mega.kernels.decode_attention`: one launch) and, for torch's RMSNorm, each residual
-add with the norm that follows it (`ark_mega.kernels.add_rms_norm`: one launch each). Keys are
-cached with RoPE applied, so a step rotates one key per layer, not the whole cache.
+replayed once per token. The step calls the layers' own modules (norms, q/k norms, output
+projection, MLP, embedding, output layer) and their QKV projection's weights, and does only the
+attention itself with the step's RoPE and cache write (`ark_mega.kernels.decode_attention`: one
+launch per layer) and, for torch's RMSNorm, each residual add with the norm that follows it
+(`ark_mega.kernels.add_rms_norm`: one launch each).
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
 and the positions not yet written are masked.
@@ -21,13 +20,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.identity_op import IdentityOp
 
 from ..kernels import compiled_only
 from ..kernels.add_rms_norm import add_rms_norm
-from ..kernels.decode_attention import cached_attention
-from ..kernels.decode_rope import rope_into_cache
+from ..kernels.decode_attention import decode_attention
 from ..kernels.rope import rope_tables
 
 
@@ -131,17 +132,37 @@ class DecodeStep:
         it and that stream through `following` (the next layer's input norm, the final norm, or
         None on a stage's last layer before another stage)."""
         attention = layer.self_attention
-        query, key, value = attention.get_query_key_value_tensors(normed, None)[:3]
-        keys, values = cache  # query, key, value: [1, b, heads, hn]
-        query = rope_into_cache(query, key, value, self.cos, self.sin, self.position, keys, values,
-                                impl=compiled_only(query))
-        context = cached_attention(query, keys, values, mask, self.config.softmax_scale,
-                                   impl=compiled_only(query))
+        query, key, value = self._qkv(attention, normed)
+        context = decode_attention(query, key, value, self.cos, self.sin, self.position, *cache,
+                                   mask, self.config.softmax_scale, impl=compiled_only(normed))
         out, bias = attention.linear_proj(context)
         hidden, normed = add_and_norm(hidden, out if bias is None else out + bias,
                                       layer.pre_mlp_layernorm)
         out, bias = layer.mlp(normed)
         return add_and_norm(hidden, out if bias is None else out + bias, following)
+
+    def _qkv(self, attention, normed):
+        """The step's query heads [1, b, groups, per_group, hn], key and value [1, b, groups,
+        hn]. Without q / k norms they are views of the QKV projection, whose query heads
+        megatron's split would copy, and a local projection adds its bias in its matmul (one
+        launch where megatron's linear takes two)."""
+        groups = attention.num_query_groups_per_partition
+        per_group = attention.num_attention_heads_per_partition // groups
+        hn = attention.hidden_size_per_attention_head
+        linear = attention.linear_qkv
+        normed_heads = any(norm is not None and not isinstance(norm, IdentityOp)
+                           for norm in (attention.q_layernorm, attention.k_layernorm))
+        if normed_heads or self.config.num_query_groups < attention.world_size:
+            query, key, value = attention.get_query_key_value_tensors(normed, None)[:3]
+            return query.unflatten(2, (groups, per_group)), key, value
+        if isinstance(linear, ColumnParallelLinear) and not (linear.skip_bias_add
+                                                             or linear.gather_output):
+            mixed = F.linear(normed, linear.weight, linear.bias)  # this rank's heads
+        else:
+            mixed, _ = linear(normed)
+        mixed = mixed.unflatten(-1, (groups, (per_group + 2) * hn))
+        return (mixed[..., :per_group * hn].unflatten(-1, (per_group, hn)),
+                mixed[..., per_group * hn:(per_group + 1) * hn], mixed[..., (per_group + 1) * hn:])
 
 
 def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor, norm):
