@@ -5,7 +5,8 @@ The step's query heads [1, b, groups, per_group, hn] and key and value heads [1,
 rotated at `position` (a device tensor [1]; half-split RoPE on the first `rot` dims, as
 megatron's, `kernels/rope.py`); the rotated key and the value go into the cache
 [b, groups, max_len, hn] there; each query then attends to the cache up to and including the
-position, under an additive bias [b, 1, 1, max_len] (0, or -inf at padding). Keys are cached
+position, under an additive bias [b, 1, 1, max_len] (0, or -inf at padding; the same for the
+whole rollout: positions after the step's are masked here). Keys are cached
 rotated, so a step rotates one key per layer, not the whole cache.
 
 Written as separate launches this was a copy of the query heads, a RoPE-and-write kernel and
@@ -40,6 +41,8 @@ def decode_attention_reference(query, key, value, cos, sin, position, keys, valu
     at = (cos.index_select(0, position), sin.index_select(0, position))  # [1, rot]
     keys.index_copy_(2, position, rotate(key, *at).permute(1, 2, 0, 3))
     values.index_copy_(2, position, value.permute(1, 2, 0, 3))
+    bias = bias.masked_fill(torch.arange(keys.shape[2], device=bias.device) > position,
+                            float("-inf"))
     # each key group's query heads are its query positions: the cache is read once, not
     # expanded to the query heads
     out = F.scaled_dot_product_attention(rotate(query[0], *at), keys, values, attn_mask=bias,
@@ -114,8 +117,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     contiguous, any other strides) rotated at `position` ([1], a device tensor; tables `cos`,
     `sin` [max_len, rot] from `rope_tables`); the rotated key and the value written into
     `keys` / `values` [b, groups, max_len, hn] (contiguous) there; the query's attention over
-    the cache up to the position under `bias` [b, 1, 1, max_len] (additive; rows may be
-    strided; -inf at least after the position, for the reference) -> [1, b, heads * hn].
+    the cache up to the position under `bias` [b, 1, 1, max_len] (additive, -inf at padding;
+    rows may be strided) -> [1, b, heads * hn].
     `scale` None is 1 / sqrt(hn)."""
     _, b, groups, per_group, hn = query.shape
     rot = cos.shape[-1]

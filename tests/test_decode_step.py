@@ -9,7 +9,6 @@ from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
 from ark_mega.kernels.decode_attention import decode_attention
 from ark_mega.kernels.rope import rope_tables
-from ark_mega.models.decode_step import attention_bias
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
 
@@ -51,12 +50,14 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     cos, sin = rope_tables(angles, dtype)
     keys, values = (torch.randn(b, groups, max_len, hn, generator=gen).to(dtype)
                     for _ in range(2))
-    keys[:, :, pos + 1:] = 1e4  # not yet written: never attended to, whatever they hold
-    positions = torch.arange(max_len)
-    blocked = (torch.rand(b, 1, 1, max_len, generator=gen) < 0.4) | (positions > pos)
-    blocked[..., pos] = False  # the step's own key is never padding
+    for cached in (keys, values):  # not yet written: never attended to, whatever they hold
+        cached[:, :, pos + 1:] = 1e4
+    padded = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
+    padded[..., pos] = False  # the step's own key is never padding
     if max_len > 70:  # left padding spanning a whole block of 64 keys
-        blocked[0, ..., :70] = True
+        padded[0, ..., :70] = True
+    bias = torch.zeros(padded.shape, dtype=dtype).masked_fill(padded, float("-inf"))
+    blocked = padded | (torch.arange(max_len) > pos)  # the op masks the positions after its own
 
     at = angles[pos, 0, 0]
     new_keys, new_values = keys.double().clone(), values.double().clone()
@@ -69,8 +70,7 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     tables = [t.to(DEV) for t in (cos, sin)]
     cache = [t.to(DEV) for t in (keys, values)]
     got = decode_attention(*(t.to(DEV) for t in (query, key, value)), *tables,
-                           torch.tensor([pos], device=DEV), *cache,
-                           attention_bias(blocked.to(DEV), dtype), None, impl=impl)
+                           torch.tensor([pos], device=DEV), *cache, bias.to(DEV), None, impl=impl)
     cache = [t.cpu() for t in cache]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.cpu().double() - expected).abs().max() < tol

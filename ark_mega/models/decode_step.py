@@ -61,8 +61,9 @@ class DecodeStep:
         self.cos, self.sin = rope_tables(freqs, self.config.params_dtype)
         self.caches = [self._take_cache(context, layer.layer_number, freqs[:position])
                        for layer in self.layers]
-        self.key_padded = key_padded[:, None, None, :]  # [b, 1, 1, max_len]
-        self.key_positions = torch.arange(max_len, device=device)
+        # additive, [b, 1, 1, max_len]; the attention masks the positions after the step's
+        self.padding = torch.zeros(b, 1, 1, max_len, device=device, dtype=self.config.params_dtype
+                                   ).masked_fill_(key_padded[:, None, None, :], float("-inf"))
         self.position = torch.tensor([position], device=device)
         self.input = torch.zeros(1, b, self.config.hidden_size, device=device,
                                  dtype=self.config.params_dtype)
@@ -113,28 +114,27 @@ class DecodeStep:
         return self.output
 
     def _forward(self) -> torch.Tensor:
-        mask = attention_bias(self.key_padded | (self.key_positions > self.position),
-                              self.input.dtype)
         hidden = self.input
         with get_fp8_context(self.config) if self.config.fp8 else contextlib.nullcontext():
             normed = self.layers[0].input_layernorm(hidden)
             for i, (layer, cache) in enumerate(zip(self.layers, self.caches)):
                 following = (self.layers[i + 1].input_layernorm if i + 1 < len(self.layers)
                              else self.final_norm)
-                hidden, normed = self._layer(layer, hidden, normed, cache, mask, following)
+                hidden, normed = self._layer(layer, hidden, normed, cache, following)
         self.position.add_(1)
         if self.final_norm is None:
             return hidden
         return self.model.logits(normed)[0]
 
-    def _layer(self, layer, hidden, normed, cache, mask, following):
+    def _layer(self, layer, hidden, normed, cache, following):
         """The layer on `hidden` (`normed`: its input norm's output): the residual stream after
         it and that stream through `following` (the next layer's input norm, the final norm, or
         None on a stage's last layer before another stage)."""
         attention = layer.self_attention
         query, key, value = self._qkv(attention, normed)
         context = decode_attention(query, key, value, self.cos, self.sin, self.position, *cache,
-                                   mask, self.config.softmax_scale, impl=compiled_only(normed))
+                                   self.padding, self.config.softmax_scale,
+                                   impl=compiled_only(normed))
         out, bias = attention.linear_proj(context)
         hidden, normed = add_and_norm(hidden, out if bias is None else out + bias,
                                       layer.pre_mlp_layernorm)
@@ -173,13 +173,3 @@ def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor, norm):
     total = hidden + delta
     return total, None if norm is None else norm(total)
 
-
-def attention_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive mask (0, or -inf where `blocked`) that SDPA would make from a boolean one in
-    every layer (two kernels each): made once per step. Its rows are allocated 16-aligned and
-    viewed at the keys' length: torch's memory-efficient CUDA attention copies a bias whose
-    strides are not multiples of 8 into an aligned one, again in every layer."""
-    length = blocked.shape[-1]
-    rows = torch.zeros(*blocked.shape[:-1], -(-length // 16) * 16, dtype=dtype,
-                       device=blocked.device)
-    return rows[..., :length].masked_fill_(blocked, float("-inf"))
