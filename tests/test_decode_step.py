@@ -9,6 +9,7 @@ from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
 from ark_mega.kernels.decode_attention import decode_attention
 from ark_mega.kernels.rope import rope_tables
+from ark_mega.models.decode_step import KEPT_STEPS
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
 
@@ -85,6 +86,8 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
 @pytest.mark.parametrize("name,builder", [("tiny_ark_asr", PromptBuilder.student),
                                           ("tiny_qwen3_asr", PromptBuilder.teacher)])
 def test_cuda_graph_decoding_equals_eager_decoding(single_rank, name, builder):
+    """The same rollout eagerly, with the graph captured in it, and again replaying that graph
+    from its first step."""
     sp = builder(tokenizer())
     m = model(name, sp, seed=0, scale=3.0, dtype=torch.bfloat16).cuda().eval()
     b = batch(sp)
@@ -92,7 +95,34 @@ def test_cuda_graph_decoding_equals_eager_decoding(single_rank, name, builder):
     prompts = [sp.build(f.shape[-1]).input_ids for f in feats]
     outs = [generate(m, prompts, feats, sp.stop_id,
                      GenerationConfig(max_new_tokens=8, top_k=4, cuda_graph=graph))
-            for graph in (False, True)]
-    assert not outs[0].cuda_graph and outs[1].cuda_graph
-    assert outs[0].tokens == outs[1].tokens
-    assert all(torch.equal(a, b) for a, b in zip(outs[0].topk_ids, outs[1].topk_ids))
+            for graph in (False, True, True)]
+    assert [out.cuda_graph for out in outs] == [False, True, True]
+    assert sum(step.graph is not None for step in m.decode_steps.values()) == 1  # captured once
+    for out in outs[1:]:
+        assert out.tokens == outs[0].tokens
+        assert all(torch.equal(a, b) for a, b in zip(out.topk_ids, outs[0].topk_ids))
+
+
+def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank):
+    """Rollouts of one batch size and cache length share the model's decoding step (on a GPU its
+    CUDA graph), started afresh on each prefill: a rollout after another of its shape decodes as
+    on a fresh model. The model keeps its KEPT_STEPS most recently used."""
+    sp = PromptBuilder.student(tokenizer())
+    m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
+
+    def rollout(n, start):
+        feats = [f.to(DEV) for f in batch(sp, n=n, start=start).audio_features]
+        return generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
+                        GenerationConfig(max_new_tokens=6, top_k=4))
+
+    fresh = rollout(3, 3)
+    m.decode_steps.clear()
+    rollout(3, 0)
+    (step,) = m.decode_steps.values()
+    again = rollout(3, 3)
+    assert list(m.decode_steps.values()) == [step]  # the same shape: the same step
+    assert again.tokens == fresh.tokens
+    assert all(torch.equal(a, b) for a, b in zip(again.topk_ids, fresh.topk_ids))
+    for n in range(1, KEPT_STEPS + 2):
+        rollout(n, 0)
+    assert [shape[0][0] for shape in m.decode_steps] == list(range(2, KEPT_STEPS + 2))

@@ -8,11 +8,13 @@ Each decoding step reads every decoder weight once (the output layer included), 
 shorter than decoder weight bytes / memory bandwidth: with the bandwidth of a device-to-device
 copy measured in the same run, the floor is batch / that time, in tokens per second. The stop
 token is blocked so that every row decodes all its tokens. Reported: prefill time (encoder,
-prompt, first token); decode tokens/s of the steady steps (after the first two, which with a
-graph warm it up eagerly and capture it, once per rollout) and their fraction of the floor;
-tokens/s over all the steps after the prefill (`rollout_decode_tokens_per_s`);
-on a GPU with the decoding step replayed as a CUDA graph (the default) and, as the same run's
-baseline, without. Should the graph's capture fail, the run reports its error and the eager
+prompt, first token); decode tokens/s of the steady steps (after the first two) and their
+fraction of the floor; tokens/s over all the steps after the prefill
+(`rollout_decode_tokens_per_s`); on a GPU with the decoding step replayed as a CUDA graph (the
+default) and, as the same run's baseline, without. The model keeps its decoding step, graph
+included, for later rollouts of the same batch size and cache length: only the first rollout of
+a shape warms the graph up eagerly and captures it (`first_rollout_extra_s`: what it took more
+than a later one, with the kernels' first compilation). Should the graph's capture fail, the run reports its error and the eager
 figures. With --profile: where a whole rollout's time goes, then each kernel's calls and time
 per steady step (a rollout's kernels less those of a 3-token one, per extra step).
 """
@@ -77,26 +79,28 @@ def main() -> int:
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
         return time.perf_counter() - t0, out.cuda_graph
 
-    def decode_tokens_per_s(cuda_graph: bool) -> tuple[float, float, bool]:
-        """Tokens/s of the steps after the first two (with a graph: its replays), and of all the
-        steps after the prefill (with a graph: also its eager warm-up and capture)."""
+    def decode_tokens_per_s(cuda_graph: bool) -> tuple[float, float, bool, float]:
+        """Tokens/s of the steps after the first two, and of all the steps after the prefill
+        (rollouts of shapes decoded before: with a graph, replays from their first step)."""
         seconds, graphed = run(args.new_tokens, cuda_graph)
         setup, _ = run(3, cuda_graph)
         steady = args.batch * (args.new_tokens - 3) / max(seconds - setup, 1e-9)
-        return steady, args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9), graphed
+        rollout = args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9)
+        return steady, rollout, graphed, seconds
 
     graph_error = None
-    try:
-        run(3)  # warm-up: kernels compiled, allocator primed, a graph captured
+    try:  # the first rollout of its shape: kernels compiled, eager warm-up step, graph captured
+        first_s, _ = run(args.new_tokens)
     except RuntimeError as e:  # a failed capture: still measure eager decoding, and say why
         if dev.type != "cuda":
             raise
         graph_error = str(e)[-1000:]
-        run(3, cuda_graph=False)
-    # step 1 picks from the prefill's logits; in a rollout's first two decoding steps the graph
-    # is warmed up eagerly and captured, then replayed
+        first_s, _ = run(args.new_tokens, cuda_graph=False)
+    run(3, cuda_graph=graph_error is None)  # its shape too, should its cache length differ
+    # step 1 picks from the prefill's logits: no decoding step
     prefill_s, _ = run(1, cuda_graph=graph_error is None)
-    tokens_per_s, rollout_tokens_per_s, cuda_graph = decode_tokens_per_s(graph_error is None)
+    tokens_per_s, rollout_tokens_per_s, cuda_graph, rollout_s = decode_tokens_per_s(
+        graph_error is None)
     eager = decode_tokens_per_s(False)[0] if dev.type == "cuda" else None
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
@@ -110,6 +114,7 @@ def main() -> int:
         "prefill_s": prefill_s, "decode_tokens_per_s": tokens_per_s,
         "decode_ms_per_step": 1e3 * args.batch / tokens_per_s,
         "rollout_decode_tokens_per_s": rollout_tokens_per_s,
+        "first_rollout_extra_s": first_s - rollout_s,
         "cuda_graph": cuda_graph, "graph_error": graph_error,
         "eager_decode_tokens_per_s": eager,
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,

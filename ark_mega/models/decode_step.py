@@ -32,18 +32,27 @@ from ..kernels.decode_attention import decode_attention
 from ..kernels.rope import rope_tables
 
 
+# steps a model keeps for later rollouts, one per batch size and cache length (each holds its
+# cache: 64 rows x 1,024 positions of ark_asr_0p6b are ~0.8 GB)
+KEPT_STEPS = 4
+
+
 class DecodeStep:
-    """Steps after the prefill. `context` is the prefill's megatron StaticInferenceContext: its
-    cache (keys before RoPE, [max_len, b, ng, hn] per layer) moves into this step's cache
-    ([b, ng, max_len, hn], keys rotated) and is released. `key_padded` [b, max_len] is True at
+    """Steps after the prefill, for rollouts of one batch size and cache length. `start` (called
+    at construction) takes a rollout's prefilled cache from `context`, megatron's
+    StaticInferenceContext (keys before RoPE, [max_len, b, ng, hn] per layer), into this step's
+    ([b, ng, max_len, hn], keys rotated) and releases it; `key_padded` [b, max_len] is True at
     left-padding positions; `position` is where the first step's token goes (the prompt width).
+    `for_rollout` reuses a model's step of the same shape, so its CUDA graph is captured once,
+    not once per rollout.
 
     On the first pipeline stage a step takes token ids [b]; on the others the previous stage's
     hidden states [1, b, h]. On the last stage it returns logits [b, V/tp], elsewhere the hidden
     states to send on. With `cuda_graph` on a CUDA device the first call runs eagerly and the
-    second captures the layers; every later call replays them. The token embedding stays outside
-    the graph: at TP > 1 megatron's vocab-parallel lookup masks by boolean indexing, which waits
-    for the GPU."""
+    second captures the layers; every later call, in this rollout and later ones, replays them
+    (the graph reads the weights where they are, which training updates in place). The token
+    embedding stays outside the graph: at TP > 1 megatron's vocab-parallel lookup masks by
+    boolean indexing, which waits for the GPU."""
 
     def __init__(self, model, context, key_padded: torch.Tensor, position: int,
                  cuda_graph: bool = False):
@@ -56,31 +65,55 @@ class DecodeStep:
         self.layers = list(gpt.decoder.layers)
         self.final_norm = gpt.decoder.final_layernorm if model.post_process else None
         b, max_len = key_padded.shape
-        device = key_padded.device
-        freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
-        self.cos, self.sin = rope_tables(freqs, self.config.params_dtype)
-        self.caches = [self._take_cache(context, layer.layer_number, freqs[:position])
-                       for layer in self.layers]
-        # additive, [b, 1, 1, max_len]; the attention masks the positions after the step's
-        self.padding = torch.zeros(b, 1, 1, max_len, device=device, dtype=self.config.params_dtype
-                                   ).masked_fill_(key_padded[:, None, None, :], float("-inf"))
-        self.position = torch.tensor([position], device=device)
-        self.input = torch.zeros(1, b, self.config.hidden_size, device=device,
-                                 dtype=self.config.params_dtype)
+        device, dtype = key_padded.device, self.config.params_dtype
+        self.freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
+        self.cos, self.sin = rope_tables(self.freqs, dtype)
+        # positions after a rollout's own are never attended to (masked by the reference, not
+        # read by the kernel): zero at first, not uninitialised memory, whose NaNs would still
+        # reach the reference's output through 0 * NaN; later what earlier rollouts wrote
+        self.caches = []
+        for layer in self.layers:
+            _, _, groups, hn = context.key_value_memory_dict[layer.layer_number][0].shape
+            self.caches.append(tuple(torch.zeros(b, groups, max_len, hn, device=device,
+                                                 dtype=dtype) for _ in range(2)))
+        self.padding = torch.empty(b, 1, 1, max_len, device=device, dtype=dtype)
+        self.position = torch.empty(1, dtype=torch.long, device=device)
+        self.input = torch.zeros(1, b, self.config.hidden_size, device=device, dtype=dtype)
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.graph = self.output = None
         self.calls = 0
+        self.start(context, key_padded, position)
 
-    def _take_cache(self, context, layer_number: int, freqs: torch.Tensor):
-        """The layer's cache with the prefilled keys rotated (`freqs`: their angles)."""
-        keys, values = context.key_value_memory_dict.pop(layer_number)
-        filled = freqs.shape[0]
-        keys[:filled] = apply_rotary_pos_emb(keys[:filled], freqs, config=self.config)
-        # unwritten positions are zero, not stale memory: a masked score is -inf, but a NaN in
-        # a masked value would still reach the output through 0 * NaN
-        keys[filled:].zero_()
-        values[filled:].zero_()
-        return keys.permute(1, 2, 0, 3).contiguous(), values.permute(1, 2, 0, 3).contiguous()
+    @classmethod
+    def for_rollout(cls, model, context, key_padded: torch.Tensor, position: int,
+                    cuda_graph: bool = False) -> "DecodeStep":
+        """The model's step for this rollout's batch size and cache length, started on its
+        prefill: the one an earlier rollout made (with its graph), else a new one. The model
+        keeps its KEPT_STEPS most recently used."""
+        kept = model.__dict__.setdefault("decode_steps", {})  # not a module: no state_dict
+        shape = (tuple(key_padded.shape), key_padded.device, cuda_graph)
+        step = kept.pop(shape, None)
+        if step is None:
+            step = cls(model, context, key_padded, position, cuda_graph)
+        else:
+            step.start(context, key_padded, position)
+        kept[shape] = step
+        while len(kept) > KEPT_STEPS:
+            kept.pop(next(iter(kept)))
+        return step
+
+    @torch.no_grad()
+    def start(self, context, key_padded: torch.Tensor, position: int) -> None:
+        """A rollout's buffers: its prefilled cache (keys rotated), padding and first position."""
+        freqs = self.freqs[:position]
+        for layer, (keys, values) in zip(self.layers, self.caches):
+            prefilled_keys, prefilled_values = context.key_value_memory_dict.pop(layer.layer_number)
+            rotated = apply_rotary_pos_emb(prefilled_keys[:position], freqs, config=self.config)
+            keys[:, :, :position] = rotated.permute(1, 2, 0, 3)
+            values[:, :, :position] = prefilled_values[:position].permute(1, 2, 0, 3)
+        # additive; the attention masks the positions after the step's
+        self.padding.zero_().masked_fill_(key_padded[:, None, None, :], float("-inf"))
+        self.position.fill_(position)
 
     @torch.no_grad()
     def __call__(self, step_input: torch.Tensor) -> torch.Tensor:

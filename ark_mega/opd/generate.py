@@ -4,7 +4,8 @@ Prompts are left-padded to one length, so every row writes its next token at the
 position; padded keys are masked out, and since RoPE scores depend only on relative positions
 the shift changes nothing. The prompt is prefilled by the model's forward with megatron's static
 KV cache; the steps after it run `DecodeStep` on that cache (one CUDA graph replay per step on a
-GPU). Each step runs the pipeline stages in turn (activations sent stage to stage), the last
+GPU; the model keeps the step, graph included, for its later rollouts of the same batch size and
+cache length). Each step runs the pipeline stages in turn (activations sent stage to stage), the last
 stage picks the next tokens from the vocab-parallel logits (blocked ids removed; greedy, or
 sampling with temperature / top-p among the top-k), and broadcasts them to every stage. The
 student's top-k ids at every generated position are kept for the OPD union.
@@ -25,6 +26,10 @@ from ..kernels import teacher_topk
 from ..kernels.teacher_topk import vocab_topk
 from ..models.audio_lm import AudioLM
 from ..models.decode_step import DecodeStep
+
+# cache lengths are rounded up to a multiple of this, so that rollouts of similar prompt widths
+# share a decoding step and its CUDA graph; the steps never read past their own position
+CACHE_BLOCK = 128
 
 
 @dataclass
@@ -103,7 +108,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     model.eval()
     device = next(model.parameters()).device
     b, width = len(prompts), max(len(p) for p in prompts)
-    max_len = width + cfg.max_new_tokens
+    max_len = -(-(width + cfg.max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
     ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
     is_pad = torch.ones(b, max_len, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
@@ -139,7 +144,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
         if steps == cfg.max_new_tokens or (steps % check_every == 0 and bool(done.all())):
             break
         if decode is None:
-            decode = DecodeStep(model, context, is_pad, width, cfg.cuda_graph)
+            decode = DecodeStep.for_rollout(model, context, is_pad, width, cfg.cuda_graph)
         logits = _decode_stage(decode, torch.where(done, pad_id, nxt), hidden_size, dtype)
     tokens, stopped = _until_stop(torch.stack(picked, 1).tolist(), stop_id)
     model.train(was_training)
