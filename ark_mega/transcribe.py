@@ -16,6 +16,7 @@ from .data.manifests import load_manifest
 from .data.prompts import PromptBuilder
 from .eval import error_rate
 from .models.audio_lm import AudioLM
+from .models.decode_step import DecodeStep
 from .opd.generate import generate
 
 
@@ -84,6 +85,7 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
         mine.update(texts)
         if on_batch is not None:
             on_batch(texts, time.perf_counter() - t0)
+    DecodeStep.release(model)  # batch shapes a training run's rollouts will not see again
     if dp == 1:
         return mine
     gathered = [None] * dp

@@ -75,7 +75,9 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, key
     q_in = (i[:, None] < per_group) & in_d[None, :]
     q = (tl.load(q_at + d[None, :], mask=q_in, other=0.0).to(tl.float32) * c[None, :]
          + tl.load(q_at + partner[None, :], mask=q_in, other=0.0).to(tl.float32) * s[None, :])
-    q = q.to(dtype)  # rounded as megatron's rotated query is
+    # rounded once to the activations' dtype, as the cached keys are (megatron's torch RoPE
+    # rounds after each product: the two differ within a rounding step)
+    q = q.to(dtype)
     k_at = k_ptr + row * k_sb + group * k_sg
     k = (tl.load(k_at + d, mask=in_d, other=0.0).to(tl.float32) * c
          + tl.load(k_at + partner, mask=in_d, other=0.0).to(tl.float32) * s).to(dtype)

@@ -9,7 +9,8 @@ from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
 from ark_mega.kernels.decode_attention import decode_attention
 from ark_mega.kernels.rope import rope_tables
-from ark_mega.models.decode_step import KEPT_STEPS
+from ark_mega.models import decode_step
+from ark_mega.models.decode_step import KEPT_STEPS, DecodeStep
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
 
@@ -87,26 +88,41 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
                                           ("tiny_qwen3_asr", PromptBuilder.teacher)])
 def test_cuda_graph_decoding_equals_eager_decoding(single_rank, name, builder):
     """The same rollout eagerly, with the graph captured in it, and again replaying that graph
-    from its first step."""
+    from its first step; then, with every weight changed in place (as training does), replaying
+    it against eager decoding."""
     sp = builder(tokenizer())
     m = model(name, sp, seed=0, scale=3.0, dtype=torch.bfloat16).cuda().eval()
     b = batch(sp)
     feats = [f.cuda().to(torch.bfloat16) for f in b.audio_features]
     prompts = [sp.build(f.shape[-1]).input_ids for f in feats]
-    outs = [generate(m, prompts, feats, sp.stop_id,
-                     GenerationConfig(max_new_tokens=8, top_k=4, cuda_graph=graph))
-            for graph in (False, True, True)]
-    assert [out.cuda_graph for out in outs] == [False, True, True]
-    assert sum(step.graph is not None for step in m.decode_steps.values()) == 1  # captured once
-    for out in outs[1:]:
-        assert out.tokens == outs[0].tokens
-        assert all(torch.equal(a, b) for a, b in zip(out.topk_ids, outs[0].topk_ids))
+
+    def rollouts(*graphs):
+        outs = [generate(m, prompts, feats, sp.stop_id,
+                         GenerationConfig(max_new_tokens=8, top_k=4, cuda_graph=graph))
+                for graph in graphs]
+        assert [out.cuda_graph for out in outs] == list(graphs)
+        for out in outs[1:]:
+            assert out.tokens == outs[0].tokens
+            assert all(torch.equal(a, b) for a, b in zip(out.topk_ids, outs[0].topk_ids))
+        return outs[0]
+
+    before = rollouts(False, True, True)
+    graph = next(step.graph for step in m.decode_steps.values() if step.graph is not None)
+    other = model(name, sp, seed=1, scale=3.0, dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        for mine, theirs in zip(m.parameters(), other.parameters()):
+            mine.copy_(theirs)
+    after = rollouts(False, True)
+    assert after.tokens != before.tokens  # the new weights decode otherwise...
+    # ...and the graph captured before read them
+    assert [step.graph for step in m.decode_steps.values() if step.graph is not None] == [graph]
 
 
-def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank):
+def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank, monkeypatch):
     """Rollouts of one batch size and cache length share the model's decoding step (on a GPU its
-    CUDA graph), started afresh on each prefill: a rollout after another of its shape decodes as
-    on a fresh model. The model keeps its KEPT_STEPS most recently used."""
+    CUDA graph), started afresh on each prefill: a rollout after a wider one of its shape, whose
+    cache then holds anything (NaN here), decodes as on a fresh model. The model keeps its
+    KEPT_STEPS most recently used, within KEPT_CACHE_BYTES; `release` drops them."""
     sp = PromptBuilder.student(tokenizer())
     m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
 
@@ -115,14 +131,21 @@ def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank):
         return generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
                         GenerationConfig(max_new_tokens=6, top_k=4))
 
-    fresh = rollout(3, 3)
-    m.decode_steps.clear()
-    rollout(3, 0)
+    fresh = rollout(3, 0)
+    DecodeStep.release(m)
+    assert not hasattr(m, "decode_steps")
+    rollout(3, 3)  # wider prompts, the same cache length
     (step,) = m.decode_steps.values()
-    again = rollout(3, 3)
-    assert list(m.decode_steps.values()) == [step]  # the same shape: the same step
+    for cached in step.caches:
+        for t in cached:
+            t.fill_(float("nan"))
+    again = rollout(3, 0)
+    assert list(m.decode_steps.values()) == [step]
     assert again.tokens == fresh.tokens
     assert all(torch.equal(a, b) for a, b in zip(again.topk_ids, fresh.topk_ids))
     for n in range(1, KEPT_STEPS + 2):
         rollout(n, 0)
     assert [shape[0][0] for shape in m.decode_steps] == list(range(2, KEPT_STEPS + 2))
+    monkeypatch.setattr(decode_step, "KEPT_CACHE_BYTES", 0)  # room for the current one only
+    rollout(1, 0)
+    assert [shape[0][0] for shape in m.decode_steps] == [1]

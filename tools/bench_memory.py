@@ -27,8 +27,8 @@ activations per token at its `student.recompute`: student weights (bf16) + gradi
 main grads) + optimizer (fp32 master and Adam moments, split over DP by the distributed
 optimizer) + teacher weights (bf16) + saved activations (per token x data.max_tokens) + the
 rollout's KV cache (every utterance of the batch, prompt + max_new_tokens rounded up to
-CACHE_BLOCK; the model keeps the decoding steps of its last KEPT_STEPS rollout shapes, caches
-included) + one layer's
+CACHE_BLOCK) as the model keeps it for its last KEPT_STEPS rollout shapes (at most
+KEPT_CACHE_BYTES), plus one while a rollout's prefilled cache moves into its step + one layer's
 activations rebuilt at a time under recomputation. Transients of the loss paths (chunked
 teacher top-k, sparse student head) are small beside these and left out.
 """
@@ -179,7 +179,7 @@ def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: in
     """Per-GPU GiB of the OPD step of `config` (see the module docstring)."""
     from ark_mega.config import load_config
     from ark_mega.models import AudioLM, preset
-    from ark_mega.models.decode_step import KEPT_STEPS
+    from ark_mega.models.decode_step import KEPT_CACHE_BYTES, KEPT_STEPS
     from ark_mega.opd.generate import CACHE_BLOCK
 
     cfg = load_config(config, [])
@@ -202,13 +202,15 @@ def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: in
     kv_per_token = dec.num_layers * 2 * dec.num_kv_heads * dec.kv_channels * 2
     cache_len = -(-(per_token["decoder_tokens"] - text_tokens
                     + cfg.opd.generation.max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    one_cache = kv_per_token * utterances * cache_len
     parts = {
         "student_weights": 2 * counts["student"] / gib,
         "student_grads": 4 * counts["student"] / gib,
         "optimizer": 12 * counts["student"] / dp / gib,
         "teacher_weights": 2 * counts["teacher"] / gib,
         "activations": per_token["total_mib_per_token"] * tokens / 1024,
-        "rollout_kv_cache": KEPT_STEPS * kv_per_token * utterances * cache_len / gib,
+        "rollout_kv_cache": (min(KEPT_STEPS * one_cache, max(KEPT_CACHE_BYTES, one_cache))
+                             + one_cache) / gib,
         "recomputed_layer": (0.0 if cfg.student.recompute == "none" else
                              none["decoder_mib_per_token"] / dec.num_layers * tokens / 1024),
     }

@@ -18,6 +18,7 @@ and the positions not yet written are masked.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,12 @@ from ..kernels.decode_attention import decode_attention
 from ..kernels.rope import rope_tables
 
 
-# steps a model keeps for later rollouts, one per batch size and cache length (each holds its
-# cache: 64 rows x 1,024 positions of ark_asr_0p6b are ~0.8 GB)
+# a model keeps the steps of its most recent rollout shapes (batch size, cache length) for later
+# rollouts: at most this many, with caches of at most KEPT_CACHE_BYTES together (the current
+# rollout's is kept whatever its size; 64 rows x 1,024 positions are 0.75 GiB for ark_asr_0p6b,
+# 7 GiB for a Qwen3-ASR 1.7B)
 KEPT_STEPS = 4
+KEPT_CACHE_BYTES = 4 * 2**30
 
 
 class DecodeStep:
@@ -57,7 +61,9 @@ class DecodeStep:
     def __init__(self, model, context, key_padded: torch.Tensor, position: int,
                  cuda_graph: bool = False):
         gpt = model.gpt
-        self.model, self.config = model, gpt.config
+        # weak: the model keeps its steps (`for_rollout`), and a cycle would hold their caches
+        # and graphs until the garbage collector's next full pass
+        self.model, self.config = weakref.proxy(model), gpt.config
         if self.config.sequence_parallel or self.config.context_parallel_size != 1:
             raise ValueError("the decoding step does not support sequence or context parallelism")
         if self.config.rotary_interleaved:
@@ -68,13 +74,10 @@ class DecodeStep:
         device, dtype = key_padded.device, self.config.params_dtype
         self.freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]
         self.cos, self.sin = rope_tables(self.freqs, dtype)
-        # positions after a rollout's own are never attended to (masked by the reference, not
-        # read by the kernel): zero at first, not uninitialised memory, whose NaNs would still
-        # reach the reference's output through 0 * NaN; later what earlier rollouts wrote
         self.caches = []
         for layer in self.layers:
             _, _, groups, hn = context.key_value_memory_dict[layer.layer_number][0].shape
-            self.caches.append(tuple(torch.zeros(b, groups, max_len, hn, device=device,
+            self.caches.append(tuple(torch.empty(b, groups, max_len, hn, device=device,
                                                  dtype=dtype) for _ in range(2)))
         self.padding = torch.empty(b, 1, 1, max_len, device=device, dtype=dtype)
         self.position = torch.empty(1, dtype=torch.long, device=device)
@@ -88,19 +91,32 @@ class DecodeStep:
     def for_rollout(cls, model, context, key_padded: torch.Tensor, position: int,
                     cuda_graph: bool = False) -> "DecodeStep":
         """The model's step for this rollout's batch size and cache length, started on its
-        prefill: the one an earlier rollout made (with its graph), else a new one. The model
-        keeps its KEPT_STEPS most recently used."""
+        prefill: the one an earlier rollout made (with its graph), else a new one, made after
+        the least recently used steps past KEPT_STEPS and KEPT_CACHE_BYTES are dropped."""
         kept = model.__dict__.setdefault("decode_steps", {})  # not a module: no state_dict
         shape = (tuple(key_padded.shape), key_padded.device, cuda_graph)
         step = kept.pop(shape, None)
         if step is None:
+            size = sum(t.nbytes for kv in context.key_value_memory_dict.values() for t in kv)
+            while kept and (len(kept) >= KEPT_STEPS
+                            or sum(s.cache_bytes for s in kept.values()) + size
+                            > KEPT_CACHE_BYTES):
+                kept.pop(next(iter(kept)))
             step = cls(model, context, key_padded, position, cuda_graph)
         else:
             step.start(context, key_padded, position)
         kept[shape] = step
-        while len(kept) > KEPT_STEPS:
-            kept.pop(next(iter(kept)))
         return step
+
+    @staticmethod
+    def release(model) -> None:
+        """Drop the model's kept steps (their caches and graphs): after decoding batches of
+        shapes training will not see again (evaluation, transcription)."""
+        model.__dict__.pop("decode_steps", None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.nbytes for kv in self.caches for t in kv)
 
     @torch.no_grad()
     def start(self, context, key_padded: torch.Tensor, position: int) -> None:
@@ -111,6 +127,11 @@ class DecodeStep:
             rotated = apply_rotary_pos_emb(prefilled_keys[:position], freqs, config=self.config)
             keys[:, :, :position] = rotated.permute(1, 2, 0, 3)
             values[:, :, :position] = prefilled_values[:position].permute(1, 2, 0, 3)
+            # the positions after are never attended to (masked by the reference, not read by
+            # the kernel), but must be finite: uninitialised memory, or an earlier rollout's
+            # NaNs, would still reach the reference's output through 0 * NaN
+            keys[:, :, position:].zero_()
+            values[:, :, position:].zero_()
         # additive; the attention masks the positions after the step's
         self.padding.zero_().masked_fill_(key_padded[:, None, None, :], float("-inf"))
         self.position.fill_(position)
@@ -133,16 +154,17 @@ class DecodeStep:
                 out = self._forward()
             torch.cuda.current_stream().wait_stream(side)
             return out
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         try:
             # thread-local: CUDA calls of other threads (a data loader pinning memory) neither
             # break the capture nor are refused during it
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.output = self._forward()
-        except Exception as e:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self._forward()
+        except Exception as e:  # the step keeps no graph: a later call captures again
             raise RuntimeError(
                 f"capturing the decoding step as a CUDA graph failed ({e}); set "
                 f"opd.generation.cuda_graph: false to decode without graphs") from e
+        self.graph, self.output = graph, output
         self.graph.replay()
         return self.output
 
@@ -178,7 +200,7 @@ class DecodeStep:
         """The step's query heads [1, b, groups, per_group, hn], key and value [1, b, groups,
         hn]. Without q / k norms they are views of the QKV projection, whose query heads
         megatron's split would copy, and a local projection adds its bias in its matmul (one
-        launch where megatron's linear takes two)."""
+        launch where megatron's linear takes two, and one rounding where it has two)."""
         groups = attention.num_query_groups_per_partition
         per_group = attention.num_attention_heads_per_partition // groups
         hn = attention.hidden_size_per_attention_head
