@@ -14,9 +14,10 @@ fraction of the floor; tokens/s over all the steps after the prefill
 default) and, as the same run's baseline, without. The model keeps its decoding step, graph
 included, for later rollouts of the same batch size and cache length: only the first rollout of
 a shape warms the graph up eagerly and captures it (`first_rollout_extra_s`: what it took more
-than a later one, with the kernels' first compilation). Should the graph's capture fail, the run reports its error and the eager
-figures. With --profile: where a whole rollout's time goes, then each kernel's calls and time
-per steady step (a rollout's kernels less those of a 3-token one, per extra step).
+than a later one, with the kernels' first compilation). Should the graph's capture fail, the run
+reports its error and the eager figures. With --profile: where a whole rollout's time goes,
+then each kernel's calls and time per steady step (a rollout's kernels less those of a 3-token
+one, per extra step).
 """
 
 from __future__ import annotations

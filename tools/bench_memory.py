@@ -180,7 +180,7 @@ def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: in
     from ark_mega.config import load_config
     from ark_mega.models import AudioLM, preset
     from ark_mega.models.decode_step import KEPT_CACHE_BYTES, KEPT_STEPS
-    from ark_mega.opd.generate import CACHE_BLOCK
+    from ark_mega.opd.generate import cache_length
 
     cfg = load_config(config, [])
     counts = {}
@@ -200,8 +200,8 @@ def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: in
     utterances = tokens // per_token["decoder_tokens"]
     gib = 2 ** 30
     kv_per_token = dec.num_layers * 2 * dec.num_kv_heads * dec.kv_channels * 2
-    cache_len = -(-(per_token["decoder_tokens"] - text_tokens
-                    + cfg.opd.generation.max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    cache_len = cache_length(per_token["decoder_tokens"] - text_tokens,
+                             cfg.opd.generation.max_new_tokens)
     one_cache = kv_per_token * utterances * cache_len
     parts = {
         "student_weights": 2 * counts["student"] / gib,

@@ -204,12 +204,12 @@ class DecodeStep:
         groups = attention.num_query_groups_per_partition
         per_group = attention.num_attention_heads_per_partition // groups
         hn = attention.hidden_size_per_attention_head
-        linear = attention.linear_qkv
         normed_heads = any(norm is not None and not isinstance(norm, IdentityOp)
                            for norm in (attention.q_layernorm, attention.k_layernorm))
         if normed_heads or self.config.num_query_groups < attention.world_size:
             query, key, value = attention.get_query_key_value_tensors(normed, None)[:3]
             return query.unflatten(2, (groups, per_group)), key, value
+        linear = attention.linear_qkv
         if isinstance(linear, ColumnParallelLinear) and not (linear.skip_bias_add
                                                              or linear.gather_output):
             mixed = F.linear(normed, linear.weight, linear.bias)  # this rank's heads

@@ -5,8 +5,8 @@ position; padded keys are masked out, and since RoPE scores depend only on relat
 the shift changes nothing. The prompt is prefilled by the model's forward with megatron's static
 KV cache; the steps after it run `DecodeStep` on that cache (one CUDA graph replay per step on a
 GPU; the model keeps the step, graph included, for its later rollouts of the same batch size and
-cache length). Each step runs the pipeline stages in turn (activations sent stage to stage), the last
-stage picks the next tokens from the vocab-parallel logits (blocked ids removed; greedy, or
+cache length). Each step runs the pipeline stages in turn (activations sent stage to stage), the
+last stage picks the next tokens from the vocab-parallel logits (blocked ids removed; greedy, or
 sampling with temperature / top-p among the top-k), and broadcasts them to every stage. The
 student's top-k ids at every generated position are kept for the OPD union.
 """
@@ -30,6 +30,12 @@ from ..models.decode_step import DecodeStep
 # cache lengths are rounded up to a multiple of this, so that rollouts of similar prompt widths
 # share a decoding step and its CUDA graph; the steps never read past their own position
 CACHE_BLOCK = 128
+
+
+def cache_length(width: int, max_new_tokens: int) -> int:
+    """Positions of a rollout's KV cache: the prompt width and the new tokens, rounded up to
+    CACHE_BLOCK."""
+    return -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
 
 
 @dataclass
@@ -108,7 +114,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     model.eval()
     device = next(model.parameters()).device
     b, width = len(prompts), max(len(p) for p in prompts)
-    max_len = -(-(width + cfg.max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    max_len = cache_length(width, cfg.max_new_tokens)
     ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
     is_pad = torch.ones(b, max_len, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
