@@ -79,6 +79,24 @@ def test_per_segment_attention_keeps_segments_apart():
     assert torch.allclose(both[4:], alone, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_varlen_probe_answers_the_same_when_first_called_without_grad(monkeypatch, mode):
+    """A rollout's encoder is the first packed attention of an OPD run: a probe that needs
+    autograd must not conclude "unusable" there for the whole run. The varlen call is stood in
+    for by the per-segment path (CUDA-only); a wrong one must still be refused."""
+    import ark_mega.models.attention as attention
+
+    def same(q, k, v, cu, bounds, causal, scale):
+        return per_segment_attention(q, k, v, bounds, bounds, causal, scale)
+
+    monkeypatch.setattr(attention, "varlen_attention", same)
+    with mode():
+        assert _varlen_probe.__wrapped__(torch.device("cpu"), torch.float32, None)
+    monkeypatch.setattr(attention, "varlen_attention", lambda *a: same(*a) * 1.5)
+    with mode(), pytest.warns(UserWarning, match="not usable"):
+        assert not _varlen_probe.__wrapped__(torch.device("cpu"), torch.float32, None)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length flash attention is CUDA-only")
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_attention_equals_per_segment_on_the_gpu(causal):

@@ -193,25 +193,32 @@ def _varlen_usable(query: torch.Tensor, scale: float | None) -> bool:
 @functools.lru_cache(maxsize=None)
 def _varlen_probe(device: torch.device, dtype: torch.dtype, scale: float | None) -> bool:
     """Whether torch's varlen attention runs here, forward and backward, and agrees with the
-    per-segment path on a small random case (causal, grouped heads); warns once if not."""
+    per-segment path on a small random case (causal, grouped heads); warns once if not. The
+    first call may come from a rollout or a transcription (no_grad): the probe builds its own
+    graph, since its answer holds for the whole run."""
     try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        bounds = [0, 5, 12, 13]
-        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        q, k, v = (torch.randn(13, n, 64, generator=gen, device=device, dtype=dtype)
-                   .requires_grad_() for n in (4, 2, 2))
-        got = varlen_attention(q, k, v, cu, bounds, True, scale)
-        grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
-        ref = per_segment_attention(q, k, v, bounds, bounds, True, scale)
-        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
-        for a, b in zip((got, *grads), (ref, *ref_grads)):
-            if not torch.allclose(a.float(), b.float(), rtol=3e-2, atol=3e-2):
-                raise ValueError("results differ from per-segment SDPA")
+        with torch.inference_mode(False), torch.enable_grad():
+            _check_varlen(device, dtype, scale)
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: use the per-segment path
         warnings.warn(f"variable-length flash attention is not usable here ({e!s:.200}); "
                       f"packed attention runs one SDPA call per segment")
         return False
+
+
+def _check_varlen(device: torch.device, dtype: torch.dtype, scale: float | None) -> None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    bounds = [0, 5, 12, 13]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(13, n, 64, generator=gen, device=device, dtype=dtype).requires_grad_()
+               for n in (4, 2, 2))
+    got = varlen_attention(q, k, v, cu, bounds, True, scale)
+    grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    ref = per_segment_attention(q, k, v, bounds, bounds, True, scale)
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+    for a, b in zip((got, *grads), (ref, *ref_grads)):
+        if not torch.allclose(a.float(), b.float(), rtol=3e-2, atol=3e-2):
+            raise ValueError("results differ from per-segment SDPA")
 
 
 class QKVLinearWithoutKeyBias(ColumnParallelLinear):
