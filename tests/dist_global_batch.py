@@ -41,7 +41,8 @@ def main() -> int:
     init_parallel(ParallelConfig(pipeline_parallel=layout["pp"]))
     rank = ps.get_data_parallel_rank()
     for stage in args.stages.split(","):
-        student, metrics = run_step(stage, layout["split"][rank], args.init)
+        stops = layout.get("stops_at_once", [False] * len(layout["split"]))[rank]
+        student, metrics = run_step(stage, layout["split"][rank], args.init, stops)
         save_gradients(os.path.join(args.out, stage), student)
         if ps.is_pipeline_last_stage() and rank == 0:
             print(json.dumps({"stage": stage, **{k: v for k, v in metrics.items()

@@ -23,6 +23,9 @@ LAYOUTS = {
     "dp": {"pp": 1, "split": [[(0, 1)], [(1, 3)]]},
     # two pipeline stages, four micro-batches of different lengths
     "pp": {"pp": 2, "split": [[(0, 1), (1, 1), (2, 1), (3, 1)]]},
+    # two data-parallel ranks, the first's student stopping at once (every rollout empty):
+    # the step of the second rank's utterance alone, as the first rank reports it
+    "dp_one_empty": {"pp": 1, "split": [[(1, 3)], [(0, 1)]], "stops_at_once": [True, False]},
 }
 
 
@@ -32,10 +35,12 @@ def initial_student():
     return model("tiny_ark_asr", sp, seed=0, scale=3.0), sp
 
 
-def run_step(stage: str, micro_batches: list[tuple[int, int]], init: str | None = None):
+def run_step(stage: str, micro_batches: list[tuple[int, int]], init: str | None = None,
+             stops_at_once: bool = False):
     """The tiny student (seed 0, or the weights saved at `init`: initialisation draws differ
     between pipeline layouts) in megatron DDP after one step's backward and
-    finalize_model_grads; returns it and the step's metrics."""
+    finalize_model_grads; returns it and the step's metrics. `stops_at_once`: every id but the
+    stop token is blocked, so that every OPD rollout is empty."""
     student, sp = initial_student()
     if init:
         checkpoint.load(init, student)
@@ -47,6 +52,9 @@ def run_step(stage: str, micro_batches: list[tuple[int, int]], init: str | None 
         metrics = sft_step(ddp, batches)
     else:
         step, _, _ = opd_step(ddp)
+        if stops_at_once:
+            step.blocked = torch.ones_like(step.blocked)
+            step.blocked[sp.stop_id] = False
         metrics = step(batches)
     finalize_model_grads([ddp])
     return student, metrics

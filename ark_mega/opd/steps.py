@@ -249,10 +249,9 @@ class OPDStep:
         metrics = _combine([m for _, m in prepared])
         last = ps.is_pipeline_last_stage()
         used = [(w["union"].valid.sum(1) >= 2).sum() if last else torch.zeros(()) for w in works]
-        # every rank joins the count's all-reduce, also one whose rollouts were all empty
+        # every rank joins the count's all-reduce and the loss's, also one whose rollouts were
+        # all empty (it runs no pass of its own: the gradients' reduction is the trainer's)
         norm = GlobalMean(sum(used, torch.zeros(())), max(len(works), 1))
-        if not works:
-            return metrics
 
         def loss_fn(hidden, micro):
             work = micro["work"]
@@ -267,14 +266,18 @@ class OPDStep:
                                 **agreement(logits.detach(), union, work["student_topk"],
                                             self.cfg.temperature)}
 
-        t0 = time.perf_counter()
-        reports = run_pipeline(self.student, [{**w["micro"], "work": w} for w in works], loss_fn,
-                               forward_only=False)
-        metrics["time_student"] = time.perf_counter() - t0
+        reports = []
+        if works:
+            t0 = time.perf_counter()
+            reports = run_pipeline(self.student, [{**w["micro"], "work": w} for w in works],
+                                   loss_fn, forward_only=False)
+            metrics["time_student"] = time.perf_counter() - t0
         if last:
-            metrics.update(loss=norm.mean(sum(r["loss"] for r in reports))[0], positions=norm.total,
-                           **{k: sum(r[k].item() for r in reports) / len(reports)
-                              for k in ("vuss",) + AGREEMENT})
+            summed = sum((r["loss"] for r in reports), torch.zeros(()))
+            metrics.update(loss=norm.mean(summed)[0], positions=norm.total)
+            if reports:
+                metrics.update({k: sum(r[k].item() for r in reports) / len(reports)
+                                for k in ("vuss",) + AGREEMENT})
         return metrics
 
     def _student_topk(self, rollout, answers, fallback, keep, prompts, feats):
