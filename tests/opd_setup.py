@@ -29,9 +29,11 @@ def tokenizer(vocab=300, split="train"):
     return train_bpe_tokenizer(demo_texts(split), vocab)
 
 
-def model(name, prompts, seed, scale=1.0, **build):
+def model(name, prompts, seed, scale=1.0, kv_heads=None, **build):
     cfg = preset(name)
     cfg.decoder.vocab_size = VOCAB
+    if kv_heads:
+        cfg.decoder.num_kv_heads = kv_heads
     cfg.encoder.num_mel_bins = 128
     cfg.audio_token_id = prompts.audio_id
     torch.manual_seed(seed)

@@ -18,3 +18,11 @@ def test_parity_and_training(tp, pp):
     losses = train["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     assert train["tied_copies_equal"]
+
+
+def test_generation_at_tp2_equals_recomputation_also_with_fewer_kv_heads_than_ranks():
+    records = torchrun("dist_generate.py")
+    assert [r["kv_heads"] for r in records] == [2, 1]
+    for r in records:
+        assert r["tokens"] == r["recomputed"], r
+        assert any(r["tokens"]) and len({tuple(t) for t in r["tokens"]}) > 1, r

@@ -208,7 +208,9 @@ class DecodeStep:
                            for norm in (attention.q_layernorm, attention.k_layernorm))
         if normed_heads or self.config.num_query_groups < attention.world_size:
             query, key, value = attention.get_query_key_value_tensors(normed, None)[:3]
-            return query.unflatten(2, (groups, per_group)), key, value
+            # with fewer key groups than TP ranks this rank keeps 1 group and only its own
+            # share of that group's query heads (heads / TP, not heads / groups)
+            return query.unflatten(2, (groups, -1)), key, value
         linear = attention.linear_qkv
         if isinstance(linear, ColumnParallelLinear) and not (linear.skip_bias_add
                                                              or linear.gather_output):
