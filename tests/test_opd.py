@@ -1,5 +1,7 @@
 """OPD at TP = PP = 1: generation, the loss against full logits, cross-tokenizer mapping."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,6 +84,25 @@ def test_sampling_draws_multinomials_sample_within_top_k_and_top_p(single_rank):
     assert torch.equal(_pick(logits, None, cfg, torch.Generator().manual_seed(5))[0], ids)
 
 
+def test_sampled_rollouts_draw_anew_in_each_step_and_micro_batch(single_rank):
+    """Each OPD rollout's draws come from its own seed (step, micro-batch, data-parallel rank):
+    the same step's rollout again is the same, another step's or micro-batch's differs."""
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
+    step, sp, _ = opd_step(student)
+    assert step.generation(3, 1) is step.cfg.generation  # greedy: nothing to draw
+    step.cfg.generation = dataclasses.replace(step.cfg.generation, greedy=False, temperature=2.0)
+    b = batch(sp, n=4)
+
+    def answers(at, micro):
+        return step.prepare(b, step.generation(at, micro))[0]["answers"]
+
+    first = answers(0, 0)
+    assert answers(0, 0) == first
+    assert answers(1, 0) != first and answers(0, 1) != first
+    assert len({step.generation(s, m).seed for s in range(3) for m in range(3)}) == 9
+
+
 def test_prefill_forms_logits_at_the_last_position_only(single_rank):
     """The rollout's prefill runs the output layer on [1, b, h], not on every prompt position
     (at 64 utterances of 30 s that would be [~830, 64, V]: 8.2 GiB at Qwen's vocabulary)."""
@@ -105,7 +126,7 @@ def test_opd_loss_equals_direct_computation_from_full_logits(single_rank, tau, d
     student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
     step, sp, teacher = opd_step(student, temperature=tau, divergence=divergence, beta=beta or 0.5)
     b = batch(sp)
-    work, _ = step.prepare(b)
+    work, _ = step.prepare(b, step.generation(0, 0))
     micro, flat, union = work["micro"], work["flat"], work["union"]
     assert union.valid.sum(1).max() > 8  # teacher and student disagree somewhere
     metrics = step([b])
@@ -146,7 +167,7 @@ def test_teacher_scores_are_the_teachers_log_probabilities(single_rank):
     student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
     step, sp, teacher = opd_step(student)
     b = batch(sp, n=2)
-    work, _ = step.prepare(b)
+    work, _ = step.prepare(b, step.generation(0, 0))
     union = work["union"]
     seqs, positions = work["teacher_inputs"]
     ids, cu = packed(seqs, union.ids.device)
@@ -216,6 +237,7 @@ def test_empty_rollouts(single_rank, fallback):
         assert torch.isfinite(torch.tensor(metrics["loss"]))
     else:
         assert metrics["fallbacks"] == 0 and metrics["skipped"] == 1 and "loss" not in metrics
+        assert metrics["positions"] == 0
 
 
 def test_agreement_metrics_on_a_known_union():

@@ -230,6 +230,19 @@ def test_nonfinite_losses_skip_the_step_then_stop(single_rank, tmp_path, tok_fil
     assert all(torch.equal(p, q) for p, q in zip(t.student.parameters(), before))
 
 
+def test_a_step_that_scored_nothing_changes_no_weight(single_rank, tmp_path, tok_file, monkeypatch):
+    """As when every OPD rollout of the global batch is empty: no loss, a counted skip, no
+    optimizer step (Adam's moments would still move the weights)."""
+    from ark_mega.opd import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "sft_step", lambda model, batch, ctc=None: {"positions": 0})
+    t = trainer_module.Trainer(load_config(None, run_overrides(
+        tmp_path, tok_file, tmp_path / "empty", steps=2)))
+    before = [p.detach().clone() for p in t.student.parameters()]
+    assert t.run()["skipped_empty"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(t.student.parameters(), before))
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(KeyError, match="'optim.lrr'"):
         load_config(None, ["stage=sft", "optim.lrr=1"])

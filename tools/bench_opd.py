@@ -243,7 +243,7 @@ def main() -> int:
                                              args, dev, dtype)
 
     # ---- one shared rollout (ours), scored both ways: the losses must agree
-    work, _ = step.prepare(batch)
+    work, _ = step.prepare(batch, step.generation(0, 0))
     flat, union, keep = work["flat"], work["union"], work["keep"]
     with torch.no_grad():
         hidden = student(work["micro"]["input_ids"], work["micro"]["audio_features"],

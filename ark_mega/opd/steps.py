@@ -11,16 +11,18 @@ on the last pipeline stage.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
-from ..config import OPDSettings
+from ..config import GenerationConfig, OPDSettings
 from ..cross_entropy import linear_cross_entropy
 from ..data.batching import Batch
 from ..data.prompts import PromptBuilder, infer_language
@@ -190,11 +192,24 @@ class OPDStep:
     def module(self) -> AudioLM:
         return getattr(self.student, "module", self.student)
 
-    def prepare(self, batch: Batch) -> tuple[dict | None, dict]:
-        """Rollout, teacher scoring and union support: the student's training input
-        (`micro`: packed ids, cu_seqlens, audio; `flat`: scored positions; `union` and the
-        student's top-k ids, on the last stage; the kept utterances and their answers) and the
-        metrics so far. `None` when every rollout is empty."""
+    def generation(self, step: int, micro: int) -> GenerationConfig:
+        """How the rollouts of micro-batch `micro` of training step `step` decode: sampled ones
+        draw from a seed of their own (the configured seed, the step, the micro-batch and the
+        data-parallel rank; the ranks of one model replica, which must pick the same tokens,
+        share it), so that no two rollouts reuse one draw and a resumed run draws as the
+        uninterrupted one."""
+        config = self.cfg.generation
+        if config.greedy:
+            return config
+        key = [config.seed, step, micro, ps.get_data_parallel_rank()]
+        return dataclasses.replace(
+            config, seed=int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+    def prepare(self, batch: Batch, generation: GenerationConfig) -> tuple[dict | None, dict]:
+        """Rollout (decoded as `generation` says), teacher scoring and union support: the
+        student's training input (`micro`: packed ids, cu_seqlens, audio; `flat`: scored
+        positions; `union` and the student's top-k ids, on the last stage; the kept utterances
+        and their answers) and the metrics so far. `None` when every rollout is empty."""
         cfg, device = self.cfg, next(self.student.parameters()).device
         feats = [f.to(device) for f in batch.audio_features]
         frames = [f.shape[-1] for f in feats]
@@ -202,7 +217,7 @@ class OPDStep:
         t0 = time.perf_counter()
         stop_id = self.student_prompts.stop_id
         rollout = generate(self.module, [p.input_ids for p in prompts], feats, stop_id,
-                           cfg.generation, self.blocked)
+                           generation, self.blocked)
         t1 = time.perf_counter()
 
         # answers: the rollout (+ stop when generated), or the reference for empty rollouts
@@ -240,11 +255,11 @@ class OPDStep:
                 "keep": keep, "answers": [answers[i] for i in keep],
                 "student_topk": student_topk}, metrics
 
-    def __call__(self, batches: list[Batch]) -> dict:
-        """Rollouts and teacher scoring for every micro-batch of the step, then the student's
-        passes over them (one pipeline schedule); Eq. 1's 1/|T| counts the positions of the
-        whole global batch."""
-        prepared = [self.prepare(b) for b in batches]
+    def __call__(self, batches: list[Batch], step: int = 0) -> dict:
+        """Rollouts and teacher scoring for every micro-batch of training step `step`, then the
+        student's passes over them (one pipeline schedule); Eq. 1's 1/|T| counts the positions
+        of the whole global batch."""
+        prepared = [self.prepare(b, self.generation(step, i)) for i, b in enumerate(batches)]
         works = [w for w, _ in prepared if w is not None]
         metrics = _combine([m for _, m in prepared])
         last = ps.is_pipeline_last_stage()
@@ -273,8 +288,10 @@ class OPDStep:
                                    loss_fn, forward_only=False)
             metrics["time_student"] = time.perf_counter() - t0
         if last:
-            summed = sum((r["loss"] for r in reports), torch.zeros(()))
-            metrics.update(loss=norm.mean(summed)[0], positions=norm.total)
+            loss = norm.mean(sum((r["loss"] for r in reports), torch.zeros(())))[0]
+            metrics["positions"] = norm.total
+            if norm.total:  # else no rank scored a position: no loss, and the step is skipped
+                metrics["loss"] = loss
             if reports:
                 metrics.update({k: sum(r[k].item() for r in reports) / len(reports)
                                 for k in ("vuss",) + AGREEMENT})

@@ -255,10 +255,12 @@ class Trainer:
             t0 = time.perf_counter()
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            metrics = opd(batches) if opd else sft_step(self.ddp, batches, ctc)
-            finite = self._all_finite(metrics.get("loss"))
+            metrics = opd(batches, step) if opd else sft_step(self.ddp, batches, ctc)
+            state = self._loss_state(metrics.get("loss"))
             step += 1
-            if not finite:
+            if state == "none":  # every rollout of the global batch empty: nothing to learn
+                metrics["skipped_empty"] = 1
+            elif state == "nonfinite":
                 bad_in_a_row += 1
                 metrics["skipped_nonfinite"] = 1
                 if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
@@ -350,13 +352,17 @@ class Trainer:
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return bool(out.item())
 
-    def _all_finite(self, loss) -> bool:
-        """The last stage's loss decides for every rank."""
-        bad = torch.tensor([0.0], device=self.dev)
-        if ps.is_pipeline_last_stage() and loss is not None and not math.isfinite(loss):
-            bad[0] = 1.0
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
+    def _loss_state(self, loss: float | None) -> str:
+        """"ok", "nonfinite", or "none" (the step scored no position: OPD's rollouts all
+        empty); the last stage's loss decides for every rank. Either of the last two leaves the
+        weights and the optimizer's moments as they are."""
+        flags = torch.zeros(2, device=self.dev)
+        if ps.is_pipeline_last_stage():
+            flags[0] = loss is None
+            flags[1] = loss is not None and not math.isfinite(loss)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        none, nonfinite = flags.tolist()
+        return "none" if none else "nonfinite" if nonfinite else "ok"
 
     def _throughput(self, batches, seconds: float) -> dict:
         counts = torch.tensor([sum(b.num_tokens for b in batches), sum(len(b.cut_ids) for b in batches)],
