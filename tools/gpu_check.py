@@ -12,7 +12,8 @@ the time of one call goes (torch.profiler) to DIR/<part>.profile.txt.
 
   kernels        tests/test_kernels.py with the kernels compiled for the GPU (no interpreter),
                  tests/test_attention.py (variable-length flash attention) and
-                 tests/test_decode_step.py (CUDA-graph decoding against eager)
+                 tests/test_decode_step.py (CUDA-graph decoding against eager); in 4
+                 processes where pytest-xdist is installed (the `dev` extra)
   bench_kernels  loss head naive vs fused; union-KL bandwidth against a copy (tools/bench_kernels.py)
   trainer        SFT, resume, TD and OPD steps on the device (tools/check_trainer.py)
   bench_opd      one OPD step, ours against the authors' way (tools/bench_opd.py)
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,6 +53,10 @@ class Part:
         tiny = ["--smoke"] if smoke else []
         if self.name == "kernels":
             select = ["-k", "union_kl_kernel or union_support"] if smoke else []
+            # compiling the kernels for each test's shapes is most of this part's time (100 s
+            # serially in run 7): with pytest-xdist the tests share it out over processes
+            if not smoke and importlib.util.find_spec("xdist") is not None:
+                select = ["-n", str(KERNEL_TEST_PROCESSES)]
             return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select,
                     f"--junitxml={self.result_file(out)}",
                     os.path.join(ROOT, "tests", "test_kernels.py"),
@@ -79,6 +85,8 @@ class Part:
             return os.path.join(out, "kernels.xml")
         return os.path.join(out, f"{self.name}.json")
 
+
+KERNEL_TEST_PROCESSES = 4
 
 PARTS = [
     Part("kernels", 150, {}),
