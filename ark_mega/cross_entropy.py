@@ -1,7 +1,7 @@
 """SFT's cross-entropy straight from the final hidden states, a chunk of positions at a time.
 
 The plain path forms the logits [T, V] and a float32 copy of them for megatron's vocab-parallel
-cross-entropy: 0.58 MiB per token at Qwen's 151,936-id vocabulary, 19 GiB at 32k tokens. Here
+cross-entropy: 0.58 MiB per token at Qwen's 151,936-id vocabulary, 18.5 GiB at 32k tokens. Here
 the output layer and the cross-entropy run together over chunks of positions, and each chunk's
 gradients (hidden states and output weight) are formed in the forward pass while its logits
 exist, as in fused linear cross-entropy: the logits are computed once, never rebuilt, and no

@@ -47,7 +47,7 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     trainer.run()
-    if trainer.preempted:  # saved; slurm/opd.sbatch requeues the job on this exit code
+    if trainer.preempted:  # saved, and ARK_PREEMPT_MARKER written: slurm/opd.sbatch requeues
         return PREEMPTED_EXIT_CODE
     if cfg.data.heldout:
         rates = trainer.evaluate()

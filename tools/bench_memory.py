@@ -224,7 +224,7 @@ def budget(config: str, dp: int, gpu_gib: float, seconds: float, text_tokens: in
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    ap = bench_parser(__doc__, utterance=True)
+    ap = bench_parser(__doc__, utterance=True, profile=False)  # bytes, not time
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--recompute", nargs="*", default=["none", "selective", "full"])

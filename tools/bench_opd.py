@@ -164,7 +164,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", default="ark_asr_0p6b")
     ap.add_argument("--teacher", default="qwen3_asr_1p7b")
-    ap.add_argument("--utterances", type=int, default=16)  # 64 x 30 s: ~88 GiB of activations
+    ap.add_argument("--utterances", type=int, default=16)  # 64 x 30 s: ~76 GiB of activations
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)

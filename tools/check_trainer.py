@@ -1,5 +1,6 @@
-"""Check the trainer on this machine's device: SFT, a checkpoint resumed, TD and OPD steps of the
-demo's models on the demo data.
+"""Check the trainer's stages on this machine's device with the demo's models and data.
+
+SFT, a checkpoint resumed, TD and OPD steps of the demo's models on the demo data.
 
     python tools/check_trainer.py --out DIR         # GPU: bf16, NCCL (one rank), megatron's
                                                     # distributed optimizer; the CPU: the same

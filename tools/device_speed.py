@@ -151,15 +151,17 @@ def report(result: dict, out: str | None) -> None:
             json.dump(result, f, indent=1)
 
 
-def bench_parser(doc: str, utterance: bool = False) -> argparse.ArgumentParser:
-    """A benchmark's command line: its own options, plus --smoke, --profile and --out; with
-    `utterance`, the model and utterance shape: --preset and --seconds."""
+def bench_parser(doc: str, utterance: bool = False, profile: bool = True) -> argparse.ArgumentParser:
+    """A benchmark's command line: its own options, plus --smoke, --out and (with `profile`)
+    --profile; with `utterance`, the model and utterance shape: --preset and --seconds."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     if utterance:
         ap.add_argument("--preset", default="ark_asr_0p6b")
         ap.add_argument("--seconds", type=float, default=30.0, help="seconds per utterance")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
-    ap.add_argument("--profile", help="write where the time of one call goes (torch.profiler) here")
+    if profile:
+        ap.add_argument("--profile",
+                        help="write where the time of one call goes (torch.profiler) here")
     ap.add_argument("--out", help="write the results as JSON here")
     return ap
 

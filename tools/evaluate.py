@@ -90,6 +90,8 @@ def main() -> int:
     else:
         if not args.model:
             ap.error("--model is required with --manifest / --presets")
+        if args.presets and args.metric:
+            ap.error("--metric applies to --manifest / --hypotheses: each preset has its own")
         from ark_mega.data.manifests import load_manifest
         from ark_mega.distributed import ParallelConfig, init_parallel
         from ark_mega.factory import load_model
