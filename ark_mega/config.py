@@ -206,6 +206,9 @@ class RunConfig:
                              "and the loss would sit on different pipeline stages)")
         if (self.eval_every or self.keep_best) and not self.data.heldout:
             raise ValueError("eval_every / keep_best need a held-out manifest (data.heldout)")
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best compares the evaluations during training: it needs "
+                             "eval_every >= 1")
 
 
 def _check(setting: str, value, ok: bool, expected: str) -> None:

@@ -1,7 +1,10 @@
-"""Fused kernels for the OPD loss, installed as `ark_mega.kernels`.
+"""Triton kernels, installed as `ark_mega.kernels`: the OPD loss (union support, sparse LM head,
+union KL, teacher top-k), packed RoPE, and the decoding step's attention and add + RMSNorm.
 
-Each op is a Triton kernel with a plain PyTorch reference beside it; `impl="auto"` runs the
-kernel on CUDA tensors (and under TRITON_INTERPRET=1) and the reference otherwise. Never
+Each op has a plain PyTorch reference beside its kernel. The OPD-loss ops' `impl="auto"` runs
+the kernel on CUDA tensors (and under TRITON_INTERPRET=1, as the tests do) and the reference
+otherwise; the model's ops run through `compiled_only`: the kernel on CUDA tensors, the
+reference elsewhere, the interpreter included. Never
 importable as a top-level `kernels`: transformers probes for an unrelated PyPI package of that
 name.
 """

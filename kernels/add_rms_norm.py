@@ -48,6 +48,9 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
     if hidden.shape != delta.shape or hidden.dtype != delta.dtype:
         raise ValueError(f"hidden {tuple(hidden.shape)} {hidden.dtype} and delta "
                          f"{tuple(delta.shape)} {delta.dtype} must match")
+    if weight.shape != hidden.shape[-1:]:
+        raise ValueError(f"norm weight {tuple(weight.shape)} does not fit hidden width "
+                         f"{hidden.shape[-1]}")
     if not use_triton(impl, hidden):
         return add_rms_norm_reference(hidden, delta, weight, eps)
     width = hidden.shape[-1]

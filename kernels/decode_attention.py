@@ -131,12 +131,18 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                          f"{tuple(values.shape)}")
     if rot % 2 or rot > hn:
         raise ValueError(f"rotary width {rot} must be even and at most the head width {hn}")
+    max_len = keys.shape[2]
+    if cos.shape != sin.shape or cos.shape[0] < max_len or bias.shape != (b, 1, 1, max_len):
+        raise ValueError(f"RoPE tables {tuple(cos.shape)} / {tuple(sin.shape)} and bias "
+                         f"{tuple(bias.shape)} do not fit the cache's {max_len} positions and "
+                         f"{b} rows ([>= max_len, rot], [b, 1, 1, max_len])")
     if not use_triton(impl, query):
         return decode_attention_reference(query, key, value, cos, sin, position, keys, values,
                                           bias, scale)
     if any(t.stride(-1) != 1 for t in (query, key, value, bias)) \
-            or not (keys.is_contiguous() and values.is_contiguous()):
-        raise ValueError("decode_attention needs contiguous head dims, bias rows and cache")
+            or not all(t.is_contiguous() for t in (keys, values, cos, sin)):
+        raise ValueError("decode_attention needs contiguous head dims, bias rows, RoPE tables "
+                         "and cache")
     out = torch.empty(1, b, groups * per_group * hn, dtype=query.dtype, device=query.device)
     width = max(16, next_pow2(hn))  # tl.dot's smallest tile side
     _decode_attention_kernel[(b, groups)](

@@ -118,7 +118,7 @@ def _segment_sum_kernel(g_ptr, h_ptr, order_ptr, starts_ptr, ends_ptr, part_lo_p
 # of many rows, e.g. the stop token) gets its further pieces summed by other programs into
 # float32 rows first. One program over a 16,384-entry segment would take the whole gradient's
 # time on one multiprocessor; the float32 rows are allocated for the most pieces there can be,
-# N * U / SEGMENT_PIECE + 1 (6 MB at N = 16,384, U = 64, H = 1,024).
+# N * U / SEGMENT_PIECE + 1 (8.4 MB at N = 16,384, U = 64, H = 1,024).
 SEGMENT_PIECE = 512
 
 
@@ -198,11 +198,15 @@ class _SparseLogits(torch.autograd.Function):
         u, v_local = ids.shape[1], weight.shape[0]
         grad_out = grad_out.contiguous()
         # summed in float32, stored once in the hidden states' dtype (no float32 copy to cast)
-        grad_h = torch.empty(n, hdim, dtype=hidden.dtype, device=hidden.device)
-        block_h, warps = _tile(hdim, weight)
-        _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
-                                  v_local, BLOCK_U=SUM_BLOCK, BLOCK_H=block_h, num_warps=warps)
-        grad_w = _weight_grad(grad_out, hidden, ids, ctx.vocab_start, weight)
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.empty(n, hdim, dtype=hidden.dtype, device=hidden.device)
+            block_h, warps = _tile(hdim, weight)
+            _grad_hidden_kernel[(n,)](grad_out, weight, ids, grad_h, u, hdim, ctx.vocab_start,
+                                      v_local, BLOCK_U=SUM_BLOCK, BLOCK_H=block_h,
+                                      num_warps=warps)
+        if ctx.needs_input_grad[1]:  # not for a frozen output layer
+            grad_w = _weight_grad(grad_out, hidden, ids, ctx.vocab_start, weight)
         return grad_h, grad_w, None, None
 
 

@@ -134,6 +134,8 @@ def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None 
     """
     if (logits is None) == (hidden is None):
         raise ValueError("give exactly one of logits or hidden (+ weight)")
+    if hidden is not None and weight is None:
+        raise ValueError("hidden states need the output layer's weight (weight=)")
     v_local = logits.shape[1] if logits is not None else weight.shape[0]
     n = student_ids.shape[0]
     device = student_ids.device

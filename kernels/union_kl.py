@@ -141,8 +141,11 @@ def union_kl(student_logits: torch.Tensor, teacher_scores: torch.Tensor, valid: 
              divergence: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
     """Scalar OPD loss, the mean over the rows that count (or their `sum`) of the `divergence`
     (`beta`: the JSD's mixing weight); gradient flows to `student_logits` [N, U] only."""
-    if not (student_logits.shape == teacher_scores.shape == valid.shape):
-        raise ValueError("student logits, teacher scores and valid mask must share one [N, U] shape")
+    if not (student_logits.dim() == 2
+            and student_logits.shape == teacher_scores.shape == valid.shape):
+        raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher scores "
+                         f"{tuple(teacher_scores.shape)} and valid mask {tuple(valid.shape)} "
+                         f"must share one [N, U] shape")
     if tau <= 0:
         raise ValueError(f"temperature must be positive, got {tau}")
     if reduction not in ("mean", "sum"):

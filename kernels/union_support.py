@@ -72,6 +72,11 @@ def union_support(teacher_ids: torch.Tensor, student_ids: torch.Tensor,
     if teacher_ids.shape != student_ids.shape:
         raise ValueError(f"teacher ids {tuple(teacher_ids.shape)} and student ids "
                          f"{tuple(student_ids.shape)} must have one shape [N, k]")
+    for name, scores in (("teacher top-k scores", teacher_topk_scores),
+                         ("teacher scores at the student ids", teacher_scores_at_student)):
+        if scores.shape != teacher_ids.shape:
+            raise ValueError(f"{name} {tuple(scores.shape)} must have the ids' shape "
+                             f"{tuple(teacher_ids.shape)}")
     if not use_triton(impl, teacher_ids):
         return union_support_reference(teacher_ids, student_ids, teacher_topk_scores,
                                        teacher_scores_at_student)

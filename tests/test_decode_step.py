@@ -149,3 +149,15 @@ def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank, monkeypatch)
     monkeypatch.setattr(decode_step, "KEPT_CACHE_BYTES", 0)  # room for the current one only
     rollout(1, 0)
     assert [shape[0][0] for shape in m.decode_steps] == [1]
+
+
+def test_decode_attention_refuses_tables_or_bias_that_do_not_fit_the_cache():
+    query, kv = torch.zeros(1, 2, 1, 2, 8), torch.zeros(1, 2, 1, 8)
+    cache = [torch.zeros(2, 1, 16, 8) for _ in range(2)]
+    tables, bias = torch.zeros(16, 8), torch.zeros(2, 1, 1, 16)
+    position = torch.tensor([3])
+    with pytest.raises(ValueError, match="16 positions"):  # RoPE tables of 10 positions
+        decode_attention(query, kv, kv, tables[:10], tables[:10], position, *cache, bias, None)
+    with pytest.raises(ValueError, match="16 positions"):  # a bias of another width
+        decode_attention(query, kv, kv, tables, tables, position, *cache, bias[..., :12], None)
+    decode_attention(query, kv, kv, tables, tables, position, *cache, bias, None)

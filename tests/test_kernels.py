@@ -391,3 +391,18 @@ for module, kernel, name in (("rope", "_rope_kernel", "n"),
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_ops_name_the_inputs_that_do_not_fit():
+    """A kernel reads what its pointers give it: shapes are checked before any launch."""
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"teacher scores at the student ids \(4, 2\)"):
+        union_support(ids, ids, torch.zeros(4, 3), torch.zeros(4, 2), impl="triton")
+    with pytest.raises(ValueError, match=r"valid mask \(4,\)"):
+        union_kl(torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must share one"):  # not [N, U]
+        union_kl(*(torch.zeros(4) for _ in range(2)), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="need the output layer's weight"):
+        teacher_topk(2, ids, hidden=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="norm weight"):
+        add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 8), torch.ones(6), 1e-6)

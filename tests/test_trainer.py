@@ -252,6 +252,8 @@ def test_config_errors_name_the_key():
         load_config(None, ["stage=sft", "optim.lr=0.01", "optim.min_lr=0.1"])
     with pytest.raises(ValueError, match="needs a teacher"):
         load_config(None, ["stage=opd"])
+    with pytest.raises(ValueError, match="keep_best .* needs eval_every >= 1"):
+        load_config(None, ["stage=sft", "data.heldout=h.jsonl", "keep_best=true"])
     # one distillation width: the rollout's top-k follows opd.top_k, and may not differ from it
     assert load_config(None, ["stage=sft", "opd.top_k=8"]).opd.generation.top_k == 8
     with pytest.raises(ValueError, match=r"opd.generation.top_k \(16\) differs from opd.top_k \(8\)"):

@@ -70,6 +70,8 @@ class DecodeStep:
             raise ValueError("the decoding step's RoPE is half-split, not interleaved")
         self.layers = list(gpt.decoder.layers)
         self.final_norm = gpt.decoder.final_layernorm if model.post_process else None
+        if model.post_process and self.final_norm is None:  # None means: not the last stage
+            raise ValueError("the decoding step needs the decoder's final norm")
         b, max_len = key_padded.shape
         device, dtype = key_padded.device, self.config.params_dtype
         self.freqs = gpt.rotary_pos_emb(max_len)  # [max_len, 1, 1, rot_dim]

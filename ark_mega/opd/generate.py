@@ -110,8 +110,17 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     pipeline calls this with the same prompts; `blocked` is a bool [V] of ids never generated."""
     if cfg.top_k is None:
         raise ValueError("GenerationConfig.top_k is unset (a run config sets it to opd.top_k)")
+    if not prompts or not all(prompts):
+        raise ValueError("generate needs at least one prompt, and no empty one")
     was_training = model.training
     model.eval()
+    try:
+        return _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id) -> Rollout:
     device = next(model.parameters()).device
     b, width = len(prompts), max(len(p) for p in prompts)
     max_len = cache_length(width, cfg.max_new_tokens)
@@ -153,7 +162,6 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
             decode = DecodeStep.for_rollout(model, context, is_pad, width, cfg.cuda_graph)
         logits = _decode_stage(decode, torch.where(done, pad_id, nxt), hidden_size, dtype)
     tokens, stopped = _until_stop(torch.stack(picked, 1).tolist(), stop_id)
-    model.train(was_training)
     topk = None
     if last:  # row i was scored at its generated tokens and at its stop token, if any
         stacked = torch.stack(step_topk)

@@ -32,15 +32,20 @@ class TokenMap:
                              f"teacher token with the same string (min_coverage={min_coverage})")
 
     def to_student(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        return teacher_ids if self.identity else _lookup(self.t2s, teacher_ids)
+        if self.identity:
+            return teacher_ids
+        self.t2s = self.t2s.to(teacher_ids.device)  # once: a copy from pageable memory waits
+        return _lookup(self.t2s, teacher_ids)
 
     def to_teacher(self, student_ids: torch.Tensor) -> torch.Tensor:
         # identity: every id of the shared vocabulary, embedding padding rows included
-        return student_ids if self.identity else _lookup(self.s2t, student_ids)
+        if self.identity:
+            return student_ids
+        self.s2t = self.s2t.to(student_ids.device)
+        return _lookup(self.s2t, student_ids)
 
 
 def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    table = table.to(ids.device)
     ok = (ids >= 0) & (ids < table.numel())
     return torch.where(ok, table[ids.clamp(0, table.numel() - 1)], torch.full_like(ids, -1))
 
