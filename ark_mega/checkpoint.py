@@ -9,10 +9,12 @@ mid-save never leaves a partial checkpoint under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 
 import torch
 import torch.distributed as dist
@@ -27,7 +29,8 @@ def list_checkpoints(root: str) -> list[str]:
     """Complete checkpoints under `root`, oldest first."""
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    names = sorted((n for n in os.listdir(root) if STEP_DIR.match(n)),
+                   key=lambda n: int(STEP_DIR.match(n).group(1)))  # step_1000000 after step_999999
     return [os.path.join(root, n) for n in names]
 
 
@@ -168,6 +171,24 @@ def save(root: str, step: int, model, optimizer=None, scheduler=None, extra: dic
     """Write checkpoint `step` under `root` (every rank calls this); return its folder. The
     model's config goes beside the tensors (`model.json`), so that a checkpoint describes
     itself (export, inference)."""
+    with preemption_notice_held():
+        return _save(root, step, model, optimizer, scheduler, extra, keep_last)
+
+
+@contextlib.contextmanager
+def preemption_notice_held():
+    """SLURM's preemption notice (USR1) reaches every process of the job step, also the helper
+    processes megatron's checkpoint writer starts at its first save, which have no handler for
+    it: USR1 ended them, and the save the notice asks for then failed. Started while USR1 is
+    blocked, they keep it blocked for good; this process's handler runs once the save ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _save(root, step, model, optimizer, scheduler, extra, keep_last) -> str:
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
     if dist.get_rank() == 0:

@@ -408,6 +408,52 @@ def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
         checkpoint.resolve(str(tmp_path / "step_000006.tmp"))
 
 
+def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    for step in (999_999, 1_000_000, 1_000_001):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] \
+        == ["step_999999", "step_1000000", "step_1000001"]
+
+
+def test_a_run_without_resume_refuses_a_folder_holding_checkpoints(single_rank, tmp_path, tok_file):
+    """Its own first checkpoints would sort before the old ones, and keep_last deleted them."""
+    from ark_mega.opd.trainer import Trainer
+
+    out = tmp_path / "again"
+    Trainer(load_config(None, run_overrides(tmp_path, tok_file, out, steps=2))).run()
+    with pytest.raises(ValueError, match="resume is off but .* holds checkpoints"):
+        Trainer(load_config(None, run_overrides(tmp_path, tok_file, out, steps=2,
+                                                resume=False))).run()
+
+
+def test_a_preemption_notice_after_a_save_leaves_the_next_save_working(single_rank, tmp_path):
+    """SLURM sends USR1 to every process of the job step, also to the helper processes
+    megatron's checkpoint writer started at the first save: the save the notice asks for must
+    still work, and the trainer's handler still runs."""
+    import signal
+    import time
+
+    import psutil
+
+    sp = PromptBuilder.student(tokenizer())
+    student = model("tiny_ark_asr", sp, seed=0)
+    notices = []
+    before = signal.signal(signal.SIGUSR1, lambda *_: notices.append(1))
+    try:
+        checkpoint.save(str(tmp_path), 1, student)
+        helpers = [p for p in psutil.Process().children(recursive=True)
+                   if "multiprocessing" in " ".join(p.cmdline())]
+        assert helpers
+        for pid in [os.getpid(), *(p.pid for p in helpers)]:
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in helpers)
+        checkpoint.save(str(tmp_path), 2, student)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert notices and checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000002")
+
+
 def test_held_out_evaluation_during_training_keeps_the_best(single_rank, tmp_path, tok_file):
     from ark_mega.opd.trainer import Trainer
 

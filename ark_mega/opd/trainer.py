@@ -217,7 +217,10 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         step, epoch, consumed = 0, 0, 0
-        found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        found = checkpoint.latest_checkpoint(self.ckpt_dir)
+        if found and not cfg.resume:  # keep_last would delete this run's own checkpoints first
+            raise ValueError(f"resume is off but {self.ckpt_dir} holds checkpoints (newest "
+                             f"{os.path.basename(found)}): remove them or use another output_dir")
         if found:
             extra = checkpoint.load(found, self.student, self.optimizer, self.scheduler)
             step, epoch, consumed = extra["step"], extra["epoch"], extra["consumed"]
