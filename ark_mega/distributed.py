@@ -27,6 +27,12 @@ class ParallelConfig:
     seed: int = 1234
     timeout_minutes: int = 30
 
+    def __post_init__(self):
+        for name in ("tensor_parallel", "pipeline_parallel", "timeout_minutes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{name} must be an integer of at least 1, got {value!r}")
+
 
 def device() -> torch.device:
     """The device this process computes on."""

@@ -26,8 +26,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
+                # also a fresh start drops what a run stopped before its first checkpoint wrote
                 self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
-                                        purge_step=resumed_at + 1 if resumed_at else None)
+                                        purge_step=resumed_at + 1)
             except ImportError:
                 print("tensorboard is not installed: metrics go to metrics.jsonl only")
         self.name = name
@@ -56,12 +57,22 @@ class MetricsLog:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keep the records of steps <= `last_step` (a run starting afresh, at 0, keeps none)."""
+    """Keep the records of steps <= `last_step` (a run starting afresh, at 0, keeps none). A
+    last line without its newline is a write the stopped run did not finish: dropped."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or not line.endswith("\n"):
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}:{number}: not a metrics record ({e})") from e
+        if step <= last_step:
+            kept.append(line)
     if len(kept) != len(lines):
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

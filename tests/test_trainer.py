@@ -252,6 +252,8 @@ def test_config_errors_name_the_key():
         load_config(None, ["stage=sft", "optim.lr=0.01", "optim.min_lr=0.1"])
     with pytest.raises(ValueError, match="needs a teacher"):
         load_config(None, ["stage=opd"])
+    with pytest.raises(ValueError, match="parallel.tensor_parallel must be an integer of at least 1"):
+        load_config(None, ["stage=sft", "parallel.tensor_parallel=0"])
     with pytest.raises(ValueError, match="keep_best .* needs eval_every >= 1"):
         load_config(None, ["stage=sft", "data.heldout=h.jsonl", "keep_best=true"])
     # one distillation width: the rollout's top-k follows opd.top_k, and may not differ from it
@@ -406,6 +408,18 @@ def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
     assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "step_000004")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.resolve(str(tmp_path / "step_000006.tmp"))
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
+    from ark_mega.metrics_log import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    _truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    path.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not a metrics record"):
+        _truncate_metrics(str(path), 2)
 
 
 def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
