@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -87,6 +88,20 @@ def test_transcribe_and_evaluate_tools(single_rank, tmp_path):
     hyps = [json.loads(line) for line in open(out, encoding="utf-8")]
     assert len(hyps) == 3 and all(h["rtf"] > 0 and h["reference"] for h in hyps)
     assert all(len(h["text"]) > 0 for h in hyps)
+    # two data-parallel ranks split the utterances: the same file, written once
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out2 = tmp_path / "hyp2.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "tools/transcribe.py", "--model",
+                           str(tmp_path / "hf"), "--manifest", str(manifest), "--out", str(out2),
+                           "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = [json.loads(line) for line in open(out2, encoding="utf-8")]
+    assert [(h["id"], h["text"]) for h in split] == [(h["id"], h["text"]) for h in hyps]
+    assert all(h["rtf"] > 0 for h in split)
     stdout = run("evaluate.py", "--hypotheses", out, "--metric", "cer", "--out-dir", tmp_path / "ev")
     assert "hyp" in stdout and (tmp_path / "ev" / "summary.md").is_file()
     scored = [json.loads(line) for line in open(tmp_path / "ev" / "hyp.jsonl", encoding="utf-8")]

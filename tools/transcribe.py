@@ -40,6 +40,9 @@ def main() -> int:
     if bool(args.audio) == bool(args.manifest):
         ap.error("give audio files or --manifest, not both")
 
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
     from ark_mega.data.manifests import LoadPolicy, audio_files, load_manifest
     from ark_mega.distributed import ParallelConfig, init_parallel
     from ark_mega.factory import load_model
@@ -55,7 +58,9 @@ def main() -> int:
         print(f"skipped: {err}", file=sys.stderr)
     by_id = {c.id: c for c in cuts}
     rtf = {}
-    with tqdm(total=len(by_id), unit=" utt", desc="transcribing") as bar:
+    # under torchrun each data-parallel rank decodes its share (its bar counts that share)
+    with tqdm(total=len(by_id), unit=" utt", desc="transcribing",
+              disable=dist.get_rank() != 0) as bar:
         def on_batch(texts, seconds):
             audio = sum(by_id[i].duration for i in texts)
             rtf.update({i: seconds / audio for i in texts})
@@ -64,6 +69,12 @@ def main() -> int:
         texts = transcribe(model, prompts, cuts, blocked_ids(prompts, model.cfg.decoder.vocab_size,
                                                              args.blocked_from),
                            args.max_new_tokens, args.batch_tokens, on_batch)
+    if ps.get_data_parallel_world_size() > 1:  # every rank timed its own batches
+        parts = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(parts, rtf, group=ps.get_data_parallel_group())
+        rtf = {cid: value for part in parts for cid, value in part.items()}
+    if dist.get_rank() != 0:
+        return 0
     with open(args.out, "w", encoding="utf-8") as f:
         for cid, cut in by_id.items():
             sup = cut.supervisions[0]
