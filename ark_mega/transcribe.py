@@ -13,7 +13,7 @@ from megatron.core import parallel_state as ps
 from .config import GenerationConfig, RunConfig
 from .data.batching import Collator, TokenBudgetSampler, TokenCounter
 from .data.manifests import load_manifest
-from .data.prompts import PromptBuilder
+from .data.prompts import LANGUAGE_NAMES, PromptBuilder, infer_language
 from .eval import error_rate
 from .models.audio_lm import AudioLM
 from .models.decode_step import DecodeStep
@@ -94,16 +94,30 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
 
 
 def evaluate(model: AudioLM, prompts: PromptBuilder, manifest: str, cfg: RunConfig) -> dict:
-    """Corpus CER on the Mandarin and WER on the English utterances of a manifest."""
+    """Corpus CER on the Mandarin and WER on the English utterances of a manifest (language
+    from each utterance's `language`, as a code or a name, else from its reference text, as
+    prompts do); an utterance of another language is an error, not left out."""
     cuts, _ = load_manifest(manifest)
+    languages = {c.id: _scored_language(c.supervisions[0]) for c in cuts}
+    other = sorted({lang for lang in languages.values() if lang not in ("zh", "en")})
+    if other:
+        raise ValueError(f"{manifest}: held-out evaluation scores Mandarin (CER) and English "
+                         f"(WER); {sum(lang in other for lang in languages.values())} "
+                         f"utterances have language {other}")
     blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size,
                           cfg.opd.blocked_from)
     hyps = transcribe(model, prompts, cuts, blocked, cfg.opd.generation.max_new_tokens,
                       cfg.eval_batch_tokens)
     out = {}
     for lang, metric in (("zh", "cer"), ("en", "wer")):
-        sel = [c for c in cuts if c.supervisions[0].language == lang]
+        sel = [c for c in cuts if languages[c.id] == lang]
         if sel:
             rate = error_rate([c.supervisions[0].text for c in sel], [hyps[c.id] for c in sel], metric)
             out[f"{metric}_{lang}"] = rate.rate
     return out
+
+
+def _scored_language(supervision) -> str:
+    language = supervision.language or infer_language(supervision.text)
+    codes = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
+    return codes.get(language.lower(), language)

@@ -162,3 +162,28 @@ def test_tool_options_out_of_range_are_named(tool, option, value, message):
     proc = subprocess.run([sys.executable, f"tools/{tool}", *args, option, value], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and f"argument {option}: {message}" in proc.stderr
+
+
+def test_held_out_evaluation_scores_every_utterance_or_refuses(tmp_path):
+    """Languages as codes, names or left to the text are scored; another language is an error
+    naming the manifest, not an utterance silently left out."""
+    from types import SimpleNamespace
+
+    from ark_mega.transcribe import _scored_language, evaluate
+
+    def sup(language, text="hello there"):
+        return SimpleNamespace(language=language, text=text)
+
+    assert [_scored_language(s) for s in (sup("zh"), sup("Chinese"), sup("English"),
+                                          sup(None, "你好世界"), sup(None), sup("fr"))] \
+        == ["zh", "zh", "en", "zh", "en", "fr"]
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "examples/data/heldout.jsonl"),
+                                              encoding="utf-8")][:3]
+    rows[1]["language"] = "fr"
+    manifest = tmp_path / "m.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for r in rows:
+            r["audio"] = os.path.join(ROOT, "examples/data", r["audio"])
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl: .* 1 utterances have language \['fr'\]"):
+        evaluate(None, None, str(manifest), None)
