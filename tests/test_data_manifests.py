@@ -93,6 +93,8 @@ BAD = [
     ("segment_outside_file", ref("a.flac", begin_time=0.5, end_time=3.0), "end_time"),
     ("segment_outside_file", ref("a.flac", begin_time=2.5, end_time=3.0), "begin_time"),
     ("empty_audio", ref("a.flac", begin_time=1.0, end_time=1.0), "end_time"),
+    # 10 ms: the features' reflect padding needs more than half their 25 ms window
+    ("too_short", ref("a.flac", begin_time=1.0, end_time=1.01), "audio"),
     ("empty_text", ref("a.flac", text="   "), "text"),
     ("bad_field", ref("a.flac", task="translate"), "task"),
     ("bad_field", ref("a.flac", begin_time="soon"), "begin_time"),

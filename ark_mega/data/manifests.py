@@ -33,7 +33,7 @@ import soundfile as sf
 from lhotse import AudioSource, CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut
 
-SAMPLE_RATE = 16000
+from .features import N_FFT, SAMPLE_RATE
 
 
 class ManifestError(ValueError):
@@ -204,6 +204,10 @@ class AudioChecks:
             raise self.error(line, names[1], f"segment end {end} s is past the end of the file "
                              f"({duration:.3f} s)", "segment_outside_file")
         end = min(end, duration)
+        if end - begin < MIN_SECONDS:
+            raise self.error(line, audio_field, f"segment of {1000 * (end - begin):.1f} ms is "
+                             f"shorter than the features' {1000 * MIN_SECONDS:.1f} ms",
+                             "too_short")
         if end - begin > self.policy.max_duration:
             raise self.error(line, audio_field, f"segment of {end - begin:.2f} s is longer than "
                              f"the maximum {self.policy.max_duration} s", "too_long")
@@ -223,6 +227,10 @@ class AudioChecks:
         problem = sample_problem(data, self.policy.silence_peak)
         if problem:
             raise self.error(line, audio_field, problem[1], problem[0])
+
+
+# the log-mel features reflect-pad each utterance by half a window: shorter ones cannot be padded
+MIN_SECONDS = (N_FFT // 2 + 1) / SAMPLE_RATE
 
 
 def sample_problem(data: np.ndarray, silence_peak: float) -> tuple[str, str] | None:
@@ -314,6 +322,9 @@ def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
         raise checks.error(line, "supervisions.text", "empty transcript", "empty_text")
     if cut.duration <= 0:
         raise checks.error(line, "duration", "cut has no duration", "empty_audio")
+    if cut.duration < MIN_SECONDS:
+        raise checks.error(line, "duration", f"cut of {1000 * cut.duration:.1f} ms is shorter "
+                           f"than the features' {1000 * MIN_SECONDS:.1f} ms", "too_short")
     if cut.duration > checks.policy.max_duration:
         raise checks.error(line, "duration", f"cut of {cut.duration:.2f} s is longer than the "
                            f"maximum {checks.policy.max_duration} s", "too_long")
