@@ -13,7 +13,7 @@ from megatron.core import parallel_state as ps
 from .config import GenerationConfig, RunConfig
 from .data.batching import Collator, TokenBudgetSampler, TokenCounter
 from .data.manifests import load_manifest
-from .data.prompts import LANGUAGE_NAMES, PromptBuilder, infer_language
+from .data.prompts import LANGUAGE_NAMES, PromptBuilder, language_name
 from .eval import error_rate
 from .models.audio_lm import AudioLM
 from .models.decode_step import DecodeStep
@@ -118,6 +118,9 @@ def evaluate(model: AudioLM, prompts: PromptBuilder, manifest: str, cfg: RunConf
 
 
 def _scored_language(supervision) -> str:
-    language = supervision.language or infer_language(supervision.text)
-    codes = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
-    return codes.get(language.lower(), language)
+    """The utterance's language code as the prompts take its language (names in any case)."""
+    name = language_name(supervision.language, supervision.text)
+    return _LANGUAGE_CODES.get(name.lower(), name)
+
+
+_LANGUAGE_CODES = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}

@@ -51,6 +51,12 @@ QWEN3_ASR_SPECIAL_TOKENS = ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
 
 
+def language_name(language: str | None, text: str) -> str:
+    """An utterance's language as the prompts name it: its manifest `language` ("en", "zh", or
+    a name), else inferred from its text."""
+    return LANGUAGE_NAMES.get(language, language) if language else infer_language(text)
+
+
 def infer_language(text: str) -> str:
     """"Chinese" when there are at least as many CJK ideographs as Latin words (an ideograph
     is about a word), else "English"."""
@@ -122,8 +128,8 @@ class PromptBuilder:
     def answer(self, text: str, language: str | None = None) -> list[int]:
         """Answer tokens for `text`, stop token included. `language` may be a manifest code
         ("en", "zh") or a name; without it the language is inferred from the text."""
-        name = LANGUAGE_NAMES.get(language, language) if language else infer_language(text)
-        return self.answer_prefix(name) + self.encode(text) + [self.stop_id]
+        prefix = self.answer_prefix(language_name(language, text))
+        return prefix + self.encode(text) + [self.stop_id]
 
     def build(self, mel_frames: int, text: str | None = None,
               language: str | None = None) -> Prompt:
