@@ -14,7 +14,7 @@ from megatron.core.distributed import (
 from ark_mega import checkpoint
 from ark_mega.data import PromptBuilder
 from ark_mega.opd.steps import sft_step
-from opd_setup import batch, model, opd_step, tokenizer
+from opd_setup import batch, model, opd_step, stop_at_once, tokenizer
 
 # utterances 0-3 of the held-out split, as one process with one micro-batch would see them
 WHOLE = [(0, 4)]
@@ -53,8 +53,7 @@ def run_step(stage: str, micro_batches: list[tuple[int, int]], init: str | None 
     else:
         step, _, _ = opd_step(ddp)
         if stops_at_once:
-            step.blocked = torch.ones_like(step.blocked)
-            step.blocked[sp.stop_id] = False
+            stop_at_once(step, sp)
         metrics = step(batches)
     finalize_model_grads([ddp])
     return student, metrics

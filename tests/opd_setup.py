@@ -64,3 +64,9 @@ def opd_step(student, teacher_tokenizer=None, top_k=8, max_new_tokens=10, fallba
     step = OPDStep(student, teacher, sp, tp, TokenMap(s_tok, t_tok, VOCAB, VOCAB), settings,
                    blocked_ids(sp, VOCAB))
     return step, sp, teacher
+
+
+def stop_at_once(step, sp) -> None:
+    """Only the stop token can be generated: every rollout of `step` is empty."""
+    step.blocked = torch.ones_like(step.blocked)
+    step.blocked[sp.stop_id] = False

@@ -11,7 +11,7 @@ from ark_mega.kernels import UnionSupport
 from ark_mega.opd.generate import generate
 from ark_mega.opd.scoring import packed
 from ark_mega.opd.token_map import TokenMap, align_by_characters, byte_spans
-from opd_setup import batch, model, opd_step, tokenizer
+from opd_setup import batch, model, opd_step, stop_at_once, tokenizer
 
 
 @pytest.mark.parametrize("name,builder", [("tiny_ark_asr", PromptBuilder.student),
@@ -228,8 +228,7 @@ def test_empty_rollouts(single_rank, fallback):
     sp = PromptBuilder.student(tokenizer())
     student = model("tiny_ark_asr", sp, seed=0, scale=3.0)
     step, _, _ = opd_step(student, fallback=fallback)
-    step.blocked = torch.ones_like(step.blocked)
-    step.blocked[sp.stop_id] = False  # only the stop token can be generated: empty rollouts
+    stop_at_once(step, sp)
     metrics = step([batch(sp)])
     assert metrics["rollout_nonempty"] == 0.0
     if fallback:  # the references are used instead, and counted
