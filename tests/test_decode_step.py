@@ -9,6 +9,7 @@ from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
 from ark_mega.kernels.decode_attention import decode_attention
 from ark_mega.kernels.rope import rope_tables
+from ark_mega.kernels.swiglu_linear import swiglu_linear
 from ark_mega.models import decode_step
 from ark_mega.models.decode_step import KEPT_STEPS, DecodeStep
 from ark_mega.opd.generate import generate
@@ -29,9 +30,11 @@ def rotated(x, angles, rot):
                                         ("triton", torch.bfloat16)])
 @pytest.mark.parametrize("b,groups,per_group,hn,rot,max_len,pos",
                          [(3, 2, 3, 12, 12, 11, 7), (3, 2, 2, 12, 8, 11, 4),
-                          (2, 1, 3, 16, 6, 9, 0), (2, 2, 7, 64, 64, 150, 133)])
+                          (2, 1, 3, 16, 6, 9, 0), (2, 2, 7, 64, 64, 150, 133),
+                          (2, 2, 7, 64, 64, 150, 40)])
+@pytest.mark.parametrize("splits", [None, 3])
 def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_position(
-        impl, dtype, b, groups, per_group, hn, rot, max_len, pos):
+        impl, dtype, b, groups, per_group, hn, rot, max_len, pos, splits):
     """Both ways (RoPE, cache write and SDPA per key group; the kernel, compiled on a GPU and
     through Triton's interpreter on the CPU) against float64 from the definitions: query heads
     and key rotated at the position (full and partial rotary widths), key and value written
@@ -39,8 +42,10 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     to the step's own. q / k / v are strided views of one fused projection, as the decoding
     step passes them. Shapes: toy ones, the first step after an empty cache, and Ark-ASR's
     (7 query heads per group, heads of 64) with more than two of the kernel's blocks of
-    positions before the step and one row whose first 70 keys are padding; in bf16 (GPU only)
-    against float64 on the same bf16-rounded inputs."""
+    positions before the step and one row whose first 130 keys are padding; in bf16 (GPU only)
+    against float64 on the same bf16-rounded inputs. The kernel with the cache's positions in
+    one part (None on the CPU) and in 3 merged ones, with a part of padding alone (the second,
+    of row 0) and one past the position (the last, when it is 40)."""
     if dtype == torch.bfloat16 and DEV.type != "cuda":
         pytest.skip("bf16 tiles run compiled on a GPU only")
     gen = torch.Generator().manual_seed(hn + rot + pos)
@@ -55,9 +60,9 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     for cached in (keys, values):  # not yet written: never attended to, whatever they hold
         cached[:, :, pos + 1:] = 1e4
     padded = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
+    if max_len > 130:  # left padding spanning whole blocks of 64 keys
+        padded[0, ..., :130] = True
     padded[..., pos] = False  # the step's own key is never padding
-    if max_len > 70:  # left padding spanning a whole block of 64 keys
-        padded[0, ..., :70] = True
     bias = torch.zeros(padded.shape, dtype=dtype).masked_fill(padded, float("-inf"))
     blocked = padded | (torch.arange(max_len) > pos)  # the op masks the positions after its own
 
@@ -72,7 +77,8 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     tables = [t.to(DEV) for t in (cos, sin)]
     cache = [t.to(DEV) for t in (keys, values)]
     got = decode_attention(*(t.to(DEV) for t in (query, key, value)), *tables,
-                           torch.tensor([pos], device=DEV), *cache, bias.to(DEV), None, impl=impl)
+                           torch.tensor([pos], device=DEV), *cache, bias.to(DEV), None, impl=impl,
+                           splits=splits)
     cache = [t.cpu() for t in cache]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.cpu().double() - expected).abs().max() < tol
@@ -81,6 +87,33 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     others = [p for p in range(max_len) if p != pos]
     assert torch.equal(cache[0][:, :, others], keys[:, :, others])
     assert torch.equal(cache[1][:, :, others], values[:, :, others])
+
+
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                        ("triton", torch.bfloat16)])
+@pytest.mark.parametrize("rows,k,f", [(3, 40, 24), (64, 96, 80), (17, 16, 16)])
+def test_swiglu_linear_against_float64(impl, dtype, rows, k, f):
+    """silu(x W_gate^T) * (x W_up^T) with the gate rows first in the weight: rows, input width
+    and F off the kernel's blocks (one block of each, several, partial last ones), leading
+    dims kept; bf16 (GPU only) against float64 on the same bf16-rounded inputs."""
+    if dtype == torch.bfloat16 and DEV.type != "cuda":
+        pytest.skip("bf16 tiles run compiled on a GPU only")
+    gen = torch.Generator().manual_seed(rows + k + f)
+    x = torch.randn(1, rows, k, generator=gen).to(dtype)
+    weight = (torch.randn(2 * f, k, generator=gen) / k ** 0.5).to(dtype)
+    gate, up = (x.double() @ weight.double().t()).chunk(2, dim=-1)
+    expected = gate * torch.sigmoid(gate) * up
+    got = swiglu_linear(x.to(DEV), weight.to(DEV), impl=impl).cpu()
+    assert got.shape == (1, rows, f) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - expected).abs().max() / expected.abs().max() < tol
+
+
+def test_swiglu_linear_refuses_a_weight_that_does_not_fit():
+    with pytest.raises(ValueError, match=r"weight \(5, 8\)"):
+        swiglu_linear(torch.zeros(2, 8), torch.zeros(5, 8))
+    with pytest.raises(ValueError, match=r"weight \(6, 4\)"):
+        swiglu_linear(torch.zeros(2, 8), torch.zeros(6, 4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

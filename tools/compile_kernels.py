@@ -40,6 +40,8 @@ def run_every_op() -> None:
     from ark_mega.kernels.add_rms_norm import add_rms_norm
     from ark_mega.kernels.decode_attention import decode_attention
     from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
+    from ark_mega.kernels.teacher_topk import shard_topk
+    from ark_mega.kernels.swiglu_linear import swiglu_linear
 
     gen = torch.Generator().manual_seed(0)
     n, v, h = 2, 128, 256
@@ -56,6 +58,9 @@ def run_every_op() -> None:
         for divergence in ("forward_kl", "reverse_kl", "jsd"):
             union_kl(logits, union.teacher_scores, union.valid, divergence=divergence,
                      impl="triton").backward()
+        # greedy decoding's top-k (stage 2 narrower than at a real vocabulary: one chunk)
+        shard_topk(k, torch.randn(n, v, generator=gen, dtype=torch.bfloat16),
+                   torch.rand(v, generator=gen) < 0.1, impl="triton")
     for hn, rot in ((128, 128), (64, 32)):
         cos, sin = rope_tables(torch.rand(16, 1, 1, rot, generator=gen), torch.bfloat16)
         x = torch.randn(10, 4, hn, generator=gen, dtype=torch.bfloat16, requires_grad=True)
@@ -68,10 +73,14 @@ def run_every_op() -> None:
         decode_attention(fused[..., :per * hn].unflatten(-1, (per, hn)),
                          fused[..., per * hn:(per + 1) * hn], fused[..., (per + 1) * hn:], cos,
                          sin, torch.tensor([66]), *cache,
-                         torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16), None, impl="triton")
+                         torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16), None, impl="triton",
+                         splits=2)
     for width in (896, 1024):  # Ark-ASR's and Qwen3-ASR's students
         hidden = torch.randn(1, 2, width, dtype=torch.bfloat16, generator=gen)
         add_rms_norm(hidden, hidden, hidden[0, 0], 1e-6, impl="triton")
+        # the MLP width changes no block or register: a narrow one keeps the interpreter quick
+        swiglu_linear(hidden, torch.randn(2 * 64, width, dtype=torch.bfloat16, generator=gen),
+                      impl="triton")
 
 
 def record_launches(path: str) -> None:

@@ -6,10 +6,11 @@ every cached key at every step, so each step is a new sequence of ~1,300 kernel 
 Python (docs/benchmarks.md: decoding ran at 14% GPU utilisation). Here the write position is a
 device tensor and every shape is fixed for the whole rollout, so the step is one CUDA graph
 replayed once per token. The step calls the layers' own modules (norms, q/k norms, output
-projection, MLP, embedding, output layer) and their QKV projection's weights, and does only the
-attention itself with the step's RoPE and cache write (`ark_mega.kernels.decode_attention`: one
-launch per layer) and, for torch's RMSNorm, each residual add with the norm that follows it
-(`ark_mega.kernels.add_rms_norm`: one launch each).
+projections, embedding, output layer) and their QKV and first MLP projections' weights, and
+does only the attention itself with the step's RoPE and cache write
+(`ark_mega.kernels.decode_attention`), a local SwiGLU MLP's first projection with its
+activation (`ark_mega.kernels.swiglu_linear`) and, for torch's RMSNorm, each residual add with
+the norm that follows it (`ark_mega.kernels.add_rms_norm`).
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
 and the positions not yet written are masked.
@@ -31,6 +32,7 @@ from ..kernels import compiled_only
 from ..kernels.add_rms_norm import add_rms_norm
 from ..kernels.decode_attention import decode_attention
 from ..kernels.rope import rope_tables
+from ..kernels.swiglu_linear import swiglu_linear
 
 
 # a model keeps the steps of its most recent rollout shapes (batch size, cache length) for later
@@ -195,8 +197,18 @@ class DecodeStep:
         out, bias = attention.linear_proj(context)
         hidden, normed = add_and_norm(hidden, out if bias is None else out + bias,
                                       layer.pre_mlp_layernorm)
-        out, bias = layer.mlp(normed)
+        out, bias = self._mlp(layer.mlp, normed)
         return add_and_norm(hidden, out if bias is None else out + bias, following)
+
+    def _mlp(self, mlp, normed):
+        """The layer's MLP; a local SwiGLU one's first projection and activation in one launch
+        (`ark_mega.kernels.swiglu_linear`), its output projection as the layer's own."""
+        fc1 = mlp.linear_fc1
+        if (type(fc1) is ColumnParallelLinear and fc1.bias is None and not fc1.gather_output
+                and self.config.gated_linear_unit and self.config.activation_func is F.silu
+                and not self.config.fp8):
+            return mlp.linear_fc2(swiglu_linear(normed, fc1.weight, impl=compiled_only(normed)))
+        return mlp(normed)
 
     def _qkv(self, attention, normed):
         """The step's query heads [1, b, groups, per_group, hn], key and value [1, b, groups,
