@@ -9,7 +9,6 @@ import sys
 from opd_setup import ROOT
 
 KERNELS = {"_fwd_kernel", "_grad_hidden_kernel", "_segment_sum_kernel", "_lse_gather_kernel",
-           "_chunk_topk_kernel", "_row_topk_kernel",
            "_union_kernel", "_union_kl_kernel", "_rope_kernel", "_decode_attention_kernel",
            "_merge_splits_kernel", "_add_rms_norm_kernel", "_swiglu_linear_kernel"}
 

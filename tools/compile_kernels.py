@@ -40,7 +40,6 @@ def run_every_op() -> None:
     from ark_mega.kernels.add_rms_norm import add_rms_norm
     from ark_mega.kernels.decode_attention import decode_attention
     from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
-    from ark_mega.kernels.teacher_topk import shard_topk
     from ark_mega.kernels.swiglu_linear import swiglu_linear
 
     gen = torch.Generator().manual_seed(0)
@@ -58,9 +57,6 @@ def run_every_op() -> None:
         for divergence in ("forward_kl", "reverse_kl", "jsd"):
             union_kl(logits, union.teacher_scores, union.valid, divergence=divergence,
                      impl="triton").backward()
-        # greedy decoding's top-k (stage 2 narrower than at a real vocabulary: one chunk)
-        shard_topk(k, torch.randn(n, v, generator=gen, dtype=torch.bfloat16),
-                   torch.rand(v, generator=gen) < 0.1, impl="triton")
     for hn, rot in ((128, 128), (64, 32)):
         cos, sin = rope_tables(torch.rand(16, 1, 1, rot, generator=gen), torch.bfloat16)
         x = torch.randn(10, 4, hn, generator=gen, dtype=torch.bfloat16, requires_grad=True)
