@@ -25,10 +25,12 @@ def swiglu_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
 
 # BLOCK_N columns of F per program: at 64 rows and F = 4,864 (Ark-ASR) 16 to 64 give 304 to 76
-# programs, each streaming 2 x BLOCK_N weight rows; the autotuner picks on the GPU
+# programs, each streaming 2 x BLOCK_N weight rows; the autotuner picks on the GPU, once per
+# model (not per row count: a rollout's batch size changes from step to step, and each new key
+# would be timed again inside a step)
 @tuned([triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
         for n in (16, 32, 64) for k in (64, 128) for s in (3, 4)],
-       key=["rows", "k", "f"],
+       key=["k", "f"],
        interpreted=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}))
 @triton.jit(do_not_specialize=["rows"])
 def _swiglu_linear_kernel(x_ptr, w_ptr, out_ptr, rows, k, f, BLOCK_M: tl.constexpr,
