@@ -53,10 +53,10 @@ def decode_attention_reference(query, key, value, cos, sin, position, keys, valu
     return out.reshape(1, b, groups * per_group * hn)
 
 
-@triton.jit(do_not_specialize=["max_len", "chunk"])
+@triton.jit(do_not_specialize=["max_len"])
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, keys_ptr,
                              values_ptr, bias_ptr, out_ptr, part_ptr, stat_ptr, q_sb, q_sg, q_sh,
-                             k_sb, k_sg, v_sb, v_sg, groups, per_group, max_len, chunk, hn, rot,
+                             k_sb, k_sg, v_sb, v_sg, groups, per_group, max_len, hn, rot,
                              bias_stride, scale, HP: tl.constexpr, HN: tl.constexpr,
                              BLOCK: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     row = tl.program_id(0)
@@ -101,6 +101,9 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, key
         best = tl.full([HP], float("-inf"), dtype=tl.float32)
         total = tl.zeros([HP], dtype=tl.float32)
         acc = tl.zeros([HP, HN], dtype=tl.float32)
+    # the positions before the step's, in whole blocks, shared evenly by the splits (from the
+    # step's position, not the cache's length: a rollout that stops early never fills it)
+    chunk = tl.cdiv(tl.cdiv(pos, tl.num_programs(2)), BLOCK) * BLOCK
     lo = split * chunk
     hi = tl.minimum(lo + chunk, pos)
     for start in range(lo, hi, BLOCK):
@@ -164,9 +167,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     `keys` / `values` [b, groups, max_len, hn] (contiguous) there; the query's attention over
     the cache up to the position under `bias` [b, 1, 1, max_len] (additive, -inf at padding;
     rows may be strided) -> [1, b, heads * hn].
-    `scale` None is 1 / sqrt(hn). The kernel splits the cache's positions into `splits` parts
-    (None: enough for PROGRAMS_PER_SM programs per SM; at most one per block of positions), each
-    attended to by its own programs, and merges them in a second launch."""
+    `scale` None is 1 / sqrt(hn). The kernel shares the positions before the step's among
+    `splits` parts of whole blocks (None: enough for PROGRAMS_PER_SM programs per SM; at most one
+    per block of the cache), each attended to by its own programs, and merges them in a second
+    launch."""
     _, b, groups, per_group, hn = query.shape
     rot = cos.shape[-1]
     if key.shape != (1, b, groups, hn) or value.shape != key.shape or keys.shape != values.shape \
@@ -191,10 +195,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(1, b, groups * per_group * hn, dtype=query.dtype, device=query.device)
     width = max(16, next_pow2(hn))  # tl.dot's smallest tile side
     block = max(16, TILE // width)
-    blocks = -(-max_len // block)
-    splits = min(blocks, splits or _splits(b * groups, query.device))
-    chunk = -(-blocks // splits) * block
-    splits = -(-max_len // chunk)  # none empty by construction
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    splits = min(-(-max_len // block), splits or _splits(b * groups, query.device))
     heads = b * groups * per_group
     part = stats = out  # unused without splits
     if splits > 1:
@@ -203,7 +206,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     _decode_attention_kernel[(b, groups, splits)](
         query, key, value, cos, sin, position, keys, values, bias, out, part, stats,
         query.stride(1), query.stride(2), query.stride(3), key.stride(1), key.stride(2),
-        value.stride(1), value.stride(2), groups, per_group, max_len, chunk, hn, rot,
+        value.stride(1), value.stride(2), groups, per_group, max_len, hn, rot,
         bias.stride(0), 1.0 / math.sqrt(hn) if scale is None else scale,
         HP=max(16, next_pow2(per_group)), HN=width, BLOCK=block, SPLIT=splits > 1,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=8)

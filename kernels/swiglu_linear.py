@@ -27,7 +27,7 @@ def swiglu_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 # BLOCK_N columns of F per program: at 64 rows and F = 4,864 (Ark-ASR) 16 to 64 give 304 to 76
 # programs, each streaming 2 x BLOCK_N weight rows; the autotuner picks on the GPU, once per
 # model (not per row count: a rollout's batch size changes from step to step, and each new key
-# would be timed again inside a step)
+# would be timed again inside a step; up to 64 rows all run one row block)
 @tuned([triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
         for n in (16, 32, 64) for k in (64, 128) for s in (3, 4)],
        key=["k", "f"],
@@ -36,8 +36,9 @@ def swiglu_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 def _swiglu_linear_kernel(x_ptr, w_ptr, out_ptr, rows, k, f, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PRECISION: tl.constexpr):
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # row blocks on the fast axis: those that share a block of weight rows run together
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
@@ -68,7 +69,7 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> 
     flat, weight = x.reshape(-1, k).contiguous(), weight.contiguous()
     out = torch.empty(*x.shape[:-1], f, dtype=x.dtype, device=x.device)
     rows = flat.shape[0]
-    _swiglu_linear_kernel[lambda meta: (triton.cdiv(f, meta["BLOCK_N"]),
-                                        triton.cdiv(rows, meta["BLOCK_M"]))](
+    _swiglu_linear_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),
+                                        triton.cdiv(f, meta["BLOCK_N"]))](
         flat, weight, out, rows, k, f, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return out

@@ -28,13 +28,13 @@ def rotated(x, angles, rot):
 
 @pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("triton", torch.float32),
                                         ("triton", torch.bfloat16)])
-@pytest.mark.parametrize("b,groups,per_group,hn,rot,max_len,pos",
-                         [(3, 2, 3, 12, 12, 11, 7), (3, 2, 2, 12, 8, 11, 4),
-                          (2, 1, 3, 16, 6, 9, 0), (2, 2, 7, 64, 64, 150, 133),
-                          (2, 2, 7, 64, 64, 150, 40)])
+@pytest.mark.parametrize("b,groups,per_group,hn,rot,max_len,pos,pad",
+                         [(3, 2, 3, 12, 12, 11, 7, 0), (3, 2, 2, 12, 8, 11, 4, 0),
+                          (2, 1, 3, 16, 6, 9, 0, 0), (2, 2, 7, 64, 64, 150, 133, 130),
+                          (2, 2, 7, 64, 64, 150, 40, 130), (2, 2, 7, 64, 64, 300, 280, 200)])
 @pytest.mark.parametrize("splits", [None, 3])
 def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_position(
-        impl, dtype, b, groups, per_group, hn, rot, max_len, pos, splits):
+        impl, dtype, b, groups, per_group, hn, rot, max_len, pos, pad, splits):
     """Both ways (RoPE, cache write and SDPA per key group; the kernel, compiled on a GPU and
     through Triton's interpreter on the CPU) against float64 from the definitions: query heads
     and key rotated at the position (full and partial rotary widths), key and value written
@@ -42,10 +42,11 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     to the step's own. q / k / v are strided views of one fused projection, as the decoding
     step passes them. Shapes: toy ones, the first step after an empty cache, and Ark-ASR's
     (7 query heads per group, heads of 64) with more than two of the kernel's blocks of
-    positions before the step and one row whose first 130 keys are padding; in bf16 (GPU only)
-    against float64 on the same bf16-rounded inputs. The kernel with the cache's positions in
-    one part (None on the CPU) and in 3 merged ones, with a part of padding alone (the second,
-    of row 0) and one past the position (the last, when it is 40)."""
+    positions before the step and one row whose first `pad` keys are padding; in bf16 (GPU only)
+    against float64 on the same bf16-rounded inputs. The kernel with the positions before the
+    step in one part (None on the CPU) and in 3 merged ones (blocks of 64: parts of 64, 64 and 5
+    positions at 133, one of padding alone; of 64 at 40, two past the position; of 128 at 280,
+    the second's first block padding alone and its second not)."""
     if dtype == torch.bfloat16 and DEV.type != "cuda":
         pytest.skip("bf16 tiles run compiled on a GPU only")
     gen = torch.Generator().manual_seed(hn + rot + pos)
@@ -60,8 +61,7 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
     for cached in (keys, values):  # not yet written: never attended to, whatever they hold
         cached[:, :, pos + 1:] = 1e4
     padded = torch.rand(b, 1, 1, max_len, generator=gen) < 0.4
-    if max_len > 130:  # left padding spanning whole blocks of 64 keys
-        padded[0, ..., :130] = True
+    padded[0, ..., :pad] = True  # left padding spanning whole blocks of 64 keys
     padded[..., pos] = False  # the step's own key is never padding
     bias = torch.zeros(padded.shape, dtype=dtype).masked_fill(padded, float("-inf"))
     blocked = padded | (torch.arange(max_len) > pos)  # the op masks the positions after its own
@@ -91,11 +91,11 @@ def test_decode_attention_rotates_writes_the_cache_and_attends_up_to_the_positio
 
 @pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("triton", torch.float32),
                                         ("triton", torch.bfloat16)])
-@pytest.mark.parametrize("rows,k,f", [(3, 40, 24), (64, 96, 80), (17, 16, 16)])
+@pytest.mark.parametrize("rows,k,f", [(3, 40, 24), (64, 96, 80), (17, 16, 16), (130, 72, 40)])
 def test_swiglu_linear_against_float64(impl, dtype, rows, k, f):
     """silu(x W_gate^T) * (x W_up^T) with the gate rows first in the weight: rows, input width
-    and F off the kernel's blocks (one block of each, several, partial last ones), leading
-    dims kept; bf16 (GPU only) against float64 on the same bf16-rounded inputs."""
+    and F off the kernel's blocks (one block of each, several, partial last ones; more rows than
+    a GPU block's 64), leading dims kept; bf16 (GPU only) against float64 on the same bf16-rounded inputs."""
     if dtype == torch.bfloat16 and DEV.type != "cuda":
         pytest.skip("bf16 tiles run compiled on a GPU only")
     gen = torch.Generator().manual_seed(rows + k + f)
@@ -184,6 +184,26 @@ def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank, monkeypatch)
     assert [shape[0][0] for shape in m.decode_steps] == [1]
 
 
+def test_local_swiglu_layers_decode_through_the_fused_mlp(single_rank, monkeypatch):
+    """Every decoding step of a local-layer student runs each layer's MLP through
+    `swiglu_linear` (a condition that never held would leave the kernel unused on a GPU)."""
+    sp = PromptBuilder.student(tokenizer())
+    m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return swiglu_linear(*args, **kwargs)
+
+    monkeypatch.setattr(decode_step, "swiglu_linear", counted)
+    feats = [f.to(DEV) for f in batch(sp, n=2).audio_features]
+    out = generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
+                   GenerationConfig(max_new_tokens=4, top_k=4))
+    layers = m.gpt.decoder.layers
+    assert len(calls) == len(layers) * (out.steps - 1) > 0
+    assert calls[0] == layers[0].mlp.linear_fc1.weight.shape
+
+
 def test_decode_attention_refuses_tables_or_bias_that_do_not_fit_the_cache():
     query, kv = torch.zeros(1, 2, 1, 2, 8), torch.zeros(1, 2, 1, 8)
     cache = [torch.zeros(2, 1, 16, 8) for _ in range(2)]
@@ -193,4 +213,6 @@ def test_decode_attention_refuses_tables_or_bias_that_do_not_fit_the_cache():
         decode_attention(query, kv, kv, tables[:10], tables[:10], position, *cache, bias, None)
     with pytest.raises(ValueError, match="16 positions"):  # a bias of another width
         decode_attention(query, kv, kv, tables, tables, position, *cache, bias[..., :12], None)
+    with pytest.raises(ValueError, match="splits must be at least 1"):
+        decode_attention(query, kv, kv, tables, tables, position, *cache, bias, None, splits=0)
     decode_attention(query, kv, kv, tables, tables, position, *cache, bias, None)

@@ -66,11 +66,12 @@ def run_every_op() -> None:
         fused = torch.randn(1, 2, groups, (per + 2) * hn, dtype=torch.bfloat16, generator=gen)
         cos, sin = rope_tables(torch.rand(70, 1, 1, hn, generator=gen), torch.bfloat16)
         cache = [torch.zeros(2, groups, 70, hn, dtype=torch.bfloat16) for _ in range(2)]
-        decode_attention(fused[..., :per * hn].unflatten(-1, (per, hn)),
-                         fused[..., per * hn:(per + 1) * hn], fused[..., (per + 1) * hn:], cos,
-                         sin, torch.tensor([66]), *cache,
-                         torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16), None, impl="triton",
-                         splits=2)
+        for splits in (1, 2):  # one part (no merge), and parts merged
+            decode_attention(fused[..., :per * hn].unflatten(-1, (per, hn)),
+                             fused[..., per * hn:(per + 1) * hn], fused[..., (per + 1) * hn:],
+                             cos, sin, torch.tensor([66]), *cache,
+                             torch.zeros(2, 1, 1, 70, dtype=torch.bfloat16), None,
+                             impl="triton", splits=splits)
     for width in (896, 1024):  # Ark-ASR's and Qwen3-ASR's students
         hidden = torch.randn(1, 2, width, dtype=torch.bfloat16, generator=gen)
         add_rms_norm(hidden, hidden, hidden[0, 0], 1e-6, impl="triton")
