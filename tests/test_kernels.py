@@ -183,6 +183,37 @@ def test_sparse_lm_head_against_float64(u, h):
     assert rel(h_grad, h64.grad) < 1e-5 and rel(w_grad, w64.grad) < 1e-5
 
 
+def test_sparse_lm_head_forms_only_the_gradients_asked_for(monkeypatch):
+    """A frozen output layer gets no weight gradient, and frozen hidden states no hidden one:
+    the other gradient is the one formed with both, and the skipped kernel never runs."""
+    module = importlib.import_module("ark_mega.kernels.sparse_lm_head")
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(6, 40, generator=gen), torch.randn(V, 40, generator=gen)
+    ids = torch.randint(0, V, (6, 8), generator=gen)
+    g = torch.randn(6, 8, generator=gen)
+
+    def grads(train_hidden, train_weight):
+        h, w = (t.clone().to(DEV).requires_grad_(train)
+                for t, train in ((hidden, train_hidden), (weight, train_weight)))
+        (sparse_lm_head(h, w, ids.to(DEV), impl="triton") * g.to(DEV)).sum().backward()
+        return h.grad, w.grad
+
+    both = grads(True, True)
+
+    class NeverLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("a gradient nobody asked for was formed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "_weight_grad", NeverLaunched().__getitem__)
+        h_grad, w_grad = grads(True, False)
+    assert w_grad is None and torch.equal(h_grad, both[0])
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "_grad_hidden_kernel", NeverLaunched())
+        h_grad, w_grad = grads(False, True)
+    assert h_grad is None and torch.equal(w_grad, both[1])
+
+
 def test_sparse_lm_head_shard_owns_its_rows_only():
     gen = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(V, 8, generator=gen)
