@@ -35,6 +35,12 @@ def compiled_only(tensor: torch.Tensor) -> str:
     return "triton" if tensor.is_cuda else "torch"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision: exact float32 products for float32 inputs (the tests compare
+    them with float64), the tensor cores' own for bf16 / fp16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import next_pow2, use_triton
+from ._backend import dot_precision, next_pow2, use_triton
 from .rope import rotate
 
 # cache positions per loop iteration: a [positions, head width] tile of 4,096 elements (8
@@ -62,6 +62,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, key
     row = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
+    n_splits = tl.num_programs(2)
     pos = tl.load(pos_ptr)
     dtype = out_ptr.dtype.element_ty
     i = tl.arange(0, HP)
@@ -103,7 +104,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, key
         acc = tl.zeros([HP, HN], dtype=tl.float32)
     # the positions before the step's, in whole blocks, shared evenly by the splits (from the
     # step's position, not the cache's length: a rollout that stops early never fills it)
-    chunk = tl.cdiv(tl.cdiv(pos, tl.num_programs(2)), BLOCK) * BLOCK
+    chunk = tl.cdiv(tl.cdiv(pos, n_splits), BLOCK) * BLOCK
     lo = split * chunk
     hi = tl.minimum(lo + chunk, pos)
     for start in range(lo, hi, BLOCK):
@@ -125,8 +126,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, key
         best = new_best
     heads = row * groups * per_group + group * per_group + i  # the output's query heads
     if SPLIT:  # this split's unnormalised output, its maximum and its sum, for the merge
-        n_splits = tl.num_programs(2)
-        at = (heads * n_splits + split)
+        at = heads * n_splits + split
         tl.store(part_ptr + at[:, None] * HN + d[None, :], acc, mask=q_in)
         tl.store(stat_ptr + at * 2, best, mask=i < per_group)
         tl.store(stat_ptr + at * 2 + 1, total, mask=i < per_group)
@@ -178,6 +178,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
                          f"{tuple(value.shape)} do not fit the cache {tuple(keys.shape)} / "
                          f"{tuple(values.shape)}")
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
     if rot % 2 or rot > hn:
         raise ValueError(f"rotary width {rot} must be even and at most the head width {hn}")
     max_len = keys.shape[2]
@@ -195,8 +197,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(1, b, groups * per_group * hn, dtype=query.dtype, device=query.device)
     width = max(16, next_pow2(hn))  # tl.dot's smallest tile side
     block = max(16, TILE // width)
-    if splits is not None and splits < 1:
-        raise ValueError(f"splits must be at least 1, got {splits}")
     splits = min(-(-max_len // block), splits or _splits(b * groups, query.device))
     heads = b * groups * per_group
     part = stats = out  # unused without splits
@@ -209,7 +209,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         value.stride(1), value.stride(2), groups, per_group, max_len, hn, rot,
         bias.stride(0), 1.0 / math.sqrt(hn) if scale is None else scale,
         HP=max(16, next_pow2(per_group)), HN=width, BLOCK=block, SPLIT=splits > 1,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=8)
+        PRECISION=dot_precision(query.dtype), num_warps=8)
     if splits > 1:
         _merge_splits_kernel[(heads,)](part, stats, out, hn, splits, HN=width)
     return out

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import tuned, use_triton
+from ._backend import dot_precision, tuned, use_triton
 
 
 def swiglu_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -71,5 +71,5 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> 
     rows = flat.shape[0]
     _swiglu_linear_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),
                                         triton.cdiv(f, meta["BLOCK_N"]))](
-        flat, weight, out, rows, k, f, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        flat, weight, out, rows, k, f, PRECISION=dot_precision(x.dtype))
     return out

@@ -204,7 +204,7 @@ class DecodeStep:
         """The layer's MLP; a local SwiGLU one's first projection and activation in one launch
         (`ark_mega.kernels.swiglu_linear`), its output projection as the layer's own."""
         fc1, cfg = getattr(mlp, "linear_fc1", None), self.config
-        if (type(fc1) is ColumnParallelLinear and fc1.bias is None and not fc1.gather_output
+        if (isinstance(fc1, ColumnParallelLinear) and fc1.bias is None and not fc1.gather_output
                 and fc1.weight.dtype == normed.dtype and cfg.gated_linear_unit
                 and mlp.activation_func is F.silu and not cfg.use_te_activation_func
                 and cfg.activation_func_clamp_value is None and cfg.glu_linear_offset == 0
