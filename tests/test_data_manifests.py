@@ -82,6 +82,27 @@ def test_lhotse_cutset_manifest(tmp_path, audio):
     assert len(list(from_shar)) == 1
 
 
+
+def test_lhotse_manifest_records_are_named_by_their_line(tmp_path, audio):
+    """A lhotse manifest's bad record names its line (blank lines counted), like the other
+    formats; a repeated cut id is an error: ids key token counts and teacher transcripts."""
+    cuts, _ = load_manifest(write_jsonl(tmp_path / "m.jsonl", [ref("a.flac"), ref("a.flac")]))
+    path = tmp_path / "cuts.jsonl"
+    cuts.to_file(str(path))
+    one, two = path.read_text().splitlines()
+    not_a_cut = json.dumps({"type": "MonoCut", "id": "x", "start": 0})
+    m = write_jsonl(tmp_path / "bad.jsonl", [one, "", '{"type": "MonoCut", "id": ', two,
+                                             not_a_cut, one])
+    assert manifest_format(m) == "lhotse"
+    kept, report = load_manifest(m, LoadPolicy(skip_bad=True, max_skip_fraction=0.9))
+    assert [c.supervisions[0].custom["line"] for c in kept] == [1, 4]
+    assert [(e.line, e.field, e.kind) for e in report.errors] == [
+        (3, "<json>", "malformed_json"), (5, "<cut>", "bad_field"), (6, "id", "duplicate_id")]
+    assert "repeats the id of line 1" in str(report.errors[-1])
+    with pytest.raises(ManifestError, match=r"bad.jsonl:3: field '<json>': malformed JSON"):
+        load_manifest(m)
+
+
 BAD = [
     ("malformed_json", '{"audio": "audio/a.flac", "text": ', "<json>"),
     ("missing_field", {"audio": "audio/a.flac"}, "text"),

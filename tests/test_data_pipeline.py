@@ -123,7 +123,7 @@ def test_resumed_sampler_continues_exactly(corpus):
 
 def test_cut_larger_than_the_budget_is_an_error(corpus):
     cuts, count = corpus
-    with pytest.raises(ValueError, match="more than the whole batch budget of 64"):
+    with pytest.raises(ValueError, match="more than a whole batch.s budget of 64"):
         batches(TokenBudgetSampler(cuts, 64, count))
 
 

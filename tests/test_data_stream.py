@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from ark_mega.config import load_config
-from ark_mega.data import Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder, SkippedCuts
+from ark_mega.data import (Collator, CutBatches, LoadPolicy, ManifestError, PromptBuilder, SkippedCuts,
+                           TokenBudgetSampler, TokenCounter, TokenLimit)
 from ark_mega.data.manifests import in_subset
 from ark_mega.data.stream import ManifestStream, SkipLedger
 from test_data_manifests import tone
@@ -61,6 +62,32 @@ def test_workers_drop_undecodable_cuts_and_name_their_line(corpus, tokenizer):  
     strict = CutBatches(Collator(PromptBuilder.student(tokenizer)), LoadPolicy())
     with pytest.raises(ManifestError, match=r"m.jsonl.gz:5: field 'audio': segment is silent"):
         strict[silent]
+
+
+
+def test_a_cut_longer_than_the_batch_budget_is_a_named_error_or_a_counted_skip(
+        corpus, tokenizer):  # noqa: F811
+    count = TokenCounter(PromptBuilder.student(tokenizer))
+    lengths = {c.supervisions[0].custom["line"]: count(c)
+               for c in ManifestStream(corpus, LoadPolicy(skip_bad=True))}
+    budget = sorted(lengths.values())[-2]  # the longest cut(s) no longer fit
+    too_long = sorted(line for line, n in lengths.items() if n > budget)
+    met = []
+    stream = ManifestStream(corpus, LoadPolicy(skip_bad=True), on_skip=met.append,
+                            admit=TokenLimit(count, budget))
+    kept = [c.supervisions[0].custom["line"] for c in stream]
+    assert too_long and kept == sorted(set(lengths) - set(too_long))
+    assert [(e.line, e.kind) for e in met] == sorted([(3, "audio_missing")] + [
+        (line, "over_token_budget") for line in too_long])
+    assert len(stream.read_errors) == 1 + len(too_long)
+    where = rf"m.jsonl.gz:{too_long[0]}: field 'audio': needs {lengths[too_long[0]]} decoder tokens"
+    strict = ManifestStream(corpus, LoadPolicy(), 0.5, admit=TokenLimit(count, budget))
+    with pytest.raises(ManifestError, match=where):  # line 3 (missing) is not in this subset
+        list(strict)
+    sampler = TokenBudgetSampler(ManifestStream(corpus, LoadPolicy(skip_bad=True)).cuts(), budget,
+                                 count, shuffle=False)
+    with pytest.raises(ManifestError, match=where):  # unchecked, the sampler names it too
+        list(sampler)
 
 
 def test_skip_ledger_judges_the_share_of_records_read(corpus):
@@ -206,6 +233,27 @@ def test_a_tarred_subset_keeps_the_records_of_its_indices(tmp_path):
     half = ManifestStream(manifests, LoadPolicy(skip_bad=True), 0.5, tarred_audio=tars)
     kept = [c.id for c in half] + [f"missing:{line}" for _, line in half.read_errors]
     assert len(every) == 10 and kept == [every[i] for i in range(10) if in_subset(i, 0.5)]
+
+
+
+def test_a_tarred_subset_takes_its_share_of_bad_manifest_lines(tmp_path):
+    """Unreadable manifest lines are records of the subset's numbering too: a subset reports
+    its share of them, so the skipped fraction it judges is the manifest's."""
+    from ark_mega.data.nemo_tarred import iter_nemo_tarred
+
+    manifests, tars = nemo_tarred_set(tmp_path)
+    for shard in (0, 1):
+        path = tmp_path / f"manifest_{shard}.json"
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines[:1] + ['{"audio_filepath": ', '{"text": "x"}'] + lines[1:])
+                        + "\n")
+    every = [(line, getattr(item, "kind", "cut")) for line, item in
+             iter_nemo_tarred(manifests, tars, LoadPolicy())]
+    assert [kind for _, kind in every].count("malformed_json") == 2 and len(every) == 13
+    half = [(line, getattr(item, "kind", "cut")) for line, item in
+            iter_nemo_tarred(manifests, tars, LoadPolicy(), lambda i: in_subset(i, 0.5))]
+    assert half == [every[i] for i in range(len(every)) if in_subset(i, 0.5)]
+    assert sum(kind != "cut" for _, kind in half) == 2  # of the 5 bad records
 
 
 def test_nemo_tarred_reader_agrees_with_nemos_own(tmp_path):

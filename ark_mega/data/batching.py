@@ -58,6 +58,30 @@ class TokenCounter:
         return n
 
 
+def cut_error(cut: Cut, reason: str, kind: str) -> ManifestError:
+    """The error of a checked cut, naming the manifest record it came from."""
+    where = cut.supervisions[0].custom or {}
+    return ManifestError(where.get("manifest", "?"), where.get("line", 0),
+                         where.get("field", "audio"), reason, kind)
+
+
+def over_budget(cut: Cut, tokens: int, max_tokens: int) -> ManifestError:
+    return cut_error(cut, f"needs {tokens} decoder tokens, more than a whole batch's budget of "
+                     f"{max_tokens} (data.max_tokens)", "over_token_budget")
+
+
+class TokenLimit:
+    """A stream's check (`ManifestStream(admit=...)`) that a cut fits a batch on its own: one
+    that does not is an error, or a counted skip, when it is read, before the sampler meets it."""
+
+    def __init__(self, count: Callable[[Cut], int], max_tokens: int):
+        self.count, self.max_tokens = count, max_tokens
+
+    def __call__(self, cut: Cut) -> ManifestError | None:
+        n = self.count(cut)
+        return over_budget(cut, n, self.max_tokens) if n > self.max_tokens else None
+
+
 @dataclass
 class DecoderTokenBudget(SamplingConstraint):
     """At most `max_tokens` decoder tokens per batch, summed (packed batches pay no padding).
@@ -77,9 +101,8 @@ class DecoderTokenBudget(SamplingConstraint):
 
     def add(self, example: Cut) -> None:
         n = self.count(example)
-        if n > self.max_tokens:
-            raise ValueError(f"cut {example.id} needs {n} decoder tokens, more than the whole "
-                             f"batch budget of {self.max_tokens}")
+        if n > self.max_tokens:  # a training stream skips these before (`TokenLimit`)
+            raise over_budget(example, n, self.max_tokens)
         self.current += n
         self.longest = max(self.longest, n)
         i = bisect.bisect_left(self.bins, n)
@@ -263,9 +286,7 @@ class CutBatches(torch.utils.data.Dataset):
                 kept.append(cut)
                 waves.append(wave)
                 continue
-            where = cut.supervisions[0].custom or {}
-            err = ManifestError(where.get("manifest", "?"), where.get("line", 0),
-                                where.get("field", "audio"), problem[1], problem[0])
+            err = cut_error(cut, problem[1], problem[0])
             if not self.policy.skip_bad:
                 raise err
             skipped.append(err)

@@ -32,6 +32,7 @@ import numpy as np
 import soundfile as sf
 from lhotse import AudioSource, CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut
+from lhotse.serialization import deserialize_item
 
 from .features import N_FFT, SAMPLE_RATE
 
@@ -376,31 +377,52 @@ def audio_files(paths: list[str], policy: LoadPolicy | None = None) -> tuple[Cut
 def iter_records(path: str, policy: LoadPolicy, keep: Callable[[int], bool] | None = None
                  ) -> Iterator[tuple[int, Cut | ManifestError]]:
     """(line, cut or error) for every record of the manifest, in order, or for the records
-    whose 0-based index `keep` accepts (the others are not checked)."""
+    whose 0-based index `keep` accepts (the others are not checked). A Shar folder's "line" is
+    its cut's number."""
     fmt = manifest_format(path)
     checks = AudioChecks(path, policy)
+    if fmt == "lhotse_shar":
+        records = enumerate(CutSet.from_shar(in_dir=path), start=1)
+    else:
+        records = _records(path)
     stem = os.path.basename(path.rstrip("/"))
-    if fmt in ("reference", "nemo"):
-        build = _reference_cut if fmt == "reference" else _nemo_cut
-        for index, (line, obj) in enumerate(_records(path)):
-            if keep is not None and not keep(index):
-                continue
-            if isinstance(obj, ManifestError):
-                yield line, obj
-                continue
-            try:
-                yield line, build(checks, line, obj, f"{stem}:{line}")
-            except ManifestError as e:
-                yield line, e
-        return
-    cuts = CutSet.from_shar(in_dir=path) if fmt == "lhotse_shar" else CutSet.from_jsonl_lazy(path)
-    for index, cut in enumerate(cuts):
+    first_line: dict[str, int] = {}  # a lhotse cut id -> the line that first used it
+    for index, (line, obj) in enumerate(records):
         if keep is not None and not keep(index):
             continue
+        if isinstance(obj, ManifestError):
+            yield line, obj
+            continue
         try:
-            yield index + 1, _lhotse_cut(checks, index + 1, cut)
+            if fmt == "reference":
+                yield line, _reference_cut(checks, line, obj, f"{stem}:{line}")
+            elif fmt == "nemo":
+                yield line, _nemo_cut(checks, line, obj, f"{stem}:{line}")
+            else:
+                cut = obj if fmt == "lhotse_shar" else _parse_cut(checks, line, obj)
+                _check_unique(checks, line, cut.id, first_line)
+                yield line, _lhotse_cut(checks, line, cut)
         except ManifestError as e:
-            yield index + 1, e
+            yield line, e
+
+
+def _parse_cut(checks: AudioChecks, line: int, obj: dict) -> Cut:
+    try:
+        cut = deserialize_item(dict(obj))  # it pops "type"
+    except Exception as e:  # lhotse raises several types for records it cannot read
+        raise checks.error(line, "<cut>", f"not a lhotse cut: {type(e).__name__}: {e}",
+                           "bad_field") from e
+    if not isinstance(cut, Cut):
+        raise checks.error(line, "type", f"a {type(cut).__name__}, not a cut", "bad_field")
+    return cut
+
+
+def _check_unique(checks: AudioChecks, line: int, cut_id: str, first_line: dict[str, int]):
+    """Cut ids key token counts and teacher transcripts: a repeated id would mix two records."""
+    first = first_line.setdefault(cut_id, line)
+    if first != line:
+        raise checks.error(line, "id", f"cut id {cut_id!r} repeats the id of line {first}",
+                           "duplicate_id")
 
 
 def load_manifest(path: str, policy: LoadPolicy | None = None,

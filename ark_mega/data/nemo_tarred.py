@@ -5,7 +5,8 @@ A dataset is N shards: tar files of audio (`tarred_audio_filepaths`, brace-expan
 `audio_filepath` names a member of the shard's tar), or one manifest for a single tar. Shard i
 is read by streaming its tar member by member and looking each member up in manifest i (one
 shard's manifest held at a time); each cut keeps its audio bytes in memory until a data worker
-decodes them. Records are numbered in tar order across the shards for `data.subset`.
+decodes them. For `data.subset` records are numbered shard by shard: a shard's unreadable
+manifest lines first, then its records in tar order.
 
 Bad input follows the other formats: a bad manifest record or unreadable audio is a
 `ManifestError` naming the manifest, line and field; a manifest entry with no member in its tar
@@ -72,13 +73,13 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
         # member name -> its records: a member may hold several segments (offset / duration)
         entries: dict[str, list[tuple[int, dict]]] = {}
         for line, obj in _records(manifest):
-            if isinstance(obj, ManifestError):
-                yield line, obj
-            elif not isinstance(obj.get("audio_filepath"), str):
-                yield line, checks.error(line, "audio_filepath", "missing or not a string",
-                                         "missing_field")
-            else:
+            if isinstance(obj, dict) and isinstance(obj.get("audio_filepath"), str):
                 entries.setdefault(obj["audio_filepath"], []).append((line, obj))
+                continue
+            index += 1  # a bad line is a record too: `keep` takes its share of them
+            if keep is None or keep(index - 1):
+                yield line, obj if isinstance(obj, ManifestError) else checks.error(
+                    line, "audio_filepath", "missing or not a string", "missing_field")
         with tarfile.open(tar, "r|*") as stream:
             for member in stream:
                 records = entries.pop(member.name, None)

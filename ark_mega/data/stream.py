@@ -4,7 +4,7 @@ At the paper's scale (tens of millions of cuts) reading and decoding every recor
 first step takes hours and tens of GB on every rank. `ManifestStream` is what the sampler
 iterates instead: each pass re-reads the manifest, keeps the `data.subset` records (decided
 per record, `in_subset`), and checks what is cheap there (fields, the file exists, its header
-gives the duration). Decoding the audio, the expensive check, happens in the data workers
+gives the duration, and with `admit` that the cut fits a batch). Decoding the audio, the expensive check, happens in the data workers
 (`CutBatches`), which skip and report a record whose samples cannot be trained on.
 
 `SkipLedger` counts what was skipped, by kind, each record once however many passes meet it,
@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from lhotse import CutSet
+from lhotse.cut import Cut
 
 from .manifests import LoadPolicy, ManifestError, SkipReport, in_subset, iter_records
 from .nemo_tarred import iter_nemo_tarred
@@ -32,11 +33,13 @@ class ManifestStream:
 
     def __init__(self, path: str, policy: LoadPolicy, fraction: float = 1.0,
                  on_skip: Callable[[ManifestError], None] | None = None,
-                 tarred_audio: str | None = None):
+                 tarred_audio: str | None = None,
+                 admit: Callable[[Cut], ManifestError | None] | None = None):
         """`tarred_audio`: the tar files of a NeMo tarred dataset whose manifests `path` names
-        (both brace-expanded, `ark_mega.data.nemo_tarred`)."""
+        (both brace-expanded, `ark_mega.data.nemo_tarred`). `admit`: a further check of each
+        cut read (`batching.TokenLimit`); the error it returns counts as the record's."""
         in_subset(0, fraction)  # check the fraction now, not at the first pass
-        self.path, self.fraction, self.on_skip = path, fraction, on_skip
+        self.path, self.fraction, self.on_skip, self.admit = path, fraction, on_skip, admit
         self.tarred_audio = tarred_audio
         self.policy = replace(policy, decode_audio=False)  # decoding is the workers' job
         self.records_read = 0  # records of the subset read by the furthest pass
@@ -51,6 +54,8 @@ class ManifestStream:
         for line, item in records:
             read += 1
             self.records_read = max(self.records_read, read)
+            if self.admit is not None and not isinstance(item, ManifestError):
+                item = self.admit(item) or item
             if isinstance(item, ManifestError):
                 if not self.policy.skip_bad:
                     raise item
