@@ -67,6 +67,11 @@ def test_nemo_manifest_reads_durations_from_the_file(tmp_path, audio):
     whole, seg = list(load_manifest(m)[0])
     assert whole.duration == pytest.approx(2.0)  # the stated 99 s is not trusted
     assert seg.duration == pytest.approx(1.0) and seg.start == pytest.approx(0.5)
+    klingon = write_jsonl(tmp_path / "k.jsonl", [
+        {"audio_filepath": "audio/a.flac", "text": "x", "lang": "fr"},
+        {"audio_filepath": "audio/a.flac", "text": "x", "lang": "klingon"}])
+    with pytest.raises(ManifestError, match=r"k.jsonl:2: field 'lang': unknown language 'klingon'"):
+        load_manifest(klingon)
 
 
 def test_lhotse_cutset_manifest(tmp_path, audio):
@@ -119,6 +124,7 @@ BAD = [
     ("empty_text", ref("a.flac", text="   "), "text"),
     ("bad_field", ref("a.flac", task="translate"), "task"),
     ("bad_field", ref("a.flac", begin_time="soon"), "begin_time"),
+    ("bad_field", ref("a.flac", language="xx"), "language"),  # a language the prompts lack
 ]
 
 

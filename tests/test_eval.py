@@ -106,6 +106,11 @@ def test_transcribe_and_evaluate_tools(single_rank, tmp_path):
     assert "hyp" in stdout and (tmp_path / "ev" / "summary.md").is_file()
     scored = [json.loads(line) for line in open(tmp_path / "ev" / "hyp.jsonl", encoding="utf-8")]
     assert [s["errors"] for s in scored] == sorted((s["errors"] for s in scored), reverse=True)
+    # with every id blocked but the stop token, the model can only answer nothing
+    run("evaluate.py", "--model", tmp_path / "hf", "--manifest", manifest, "--metric", "cer",
+        "--out-dir", tmp_path / "blocked", "--max-new-tokens", "5", "--blocked-from", "0")
+    empty = [json.loads(line) for line in open(tmp_path / "blocked" / "m.jsonl", encoding="utf-8")]
+    assert len(empty) == 3 and all(row["hypothesis"] == "" for row in empty)
 
     # audio files with a broken one and one over --max-duration: named, or skipped and listed
     good = [r["audio"] for r in rows[:2]]

@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--max-new-tokens", type=positive_int, default=256)
     ap.add_argument("--batch-tokens", type=positive_int, default=8192)
+    ap.add_argument("--blocked-from", type=int, default=None,
+                    help="with --model: never generate ids >= this (151670 for Ark-ASR)")
     args = ap.parse_args()
 
     from ark_mega.eval import PRESETS, summarize, tables, utterance_rows, write_rows
@@ -99,7 +101,7 @@ def main() -> int:
 
         init_parallel(ParallelConfig())
         model, prompts = load_model(args.model, args.tokenizer)
-        blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size)
+        blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size, args.blocked_from)
         if args.manifest:
             if not args.metric:
                 ap.error("--metric is required with --manifest")

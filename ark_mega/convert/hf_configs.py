@@ -53,6 +53,7 @@ def glmasr_from_hf(hf: dict) -> tuple[WhisperEncoderConfig, DecoderConfig, int]:
     if text.get("model_type") != "qwen2":
         raise UnsupportedConfig(f"glmasr with a {text.get('model_type')!r} text model: only "
                                 f"Qwen2 (QKV bias) text models are supported")
+    _check_rope(audio, "audio encoder")
     rope = audio.get("rope_parameters") or {}
     enc = WhisperEncoderConfig(
         num_mel_bins=audio["num_mel_bins"], hidden_size=audio["hidden_size"],
@@ -165,16 +166,33 @@ def _text_kwargs(cfg: AudioLMConfig) -> dict:
                 rope_parameters={"rope_theta": dec.rotary_base, "rope_type": "default"})
 
 
+def _check_rope(cfg: dict, part: str) -> None:
+    """Refuses scaled RoPE, asked for by transformers 5's `rope_parameters` or 4's `rope_scaling`
+    (`rope_type`, or the older `type`): our models rotate by plain RoPE only. Qwen3-ASR's
+    multimodal fields (`mrope_section`, `interleaved`) with the default type are accepted: it
+    gives every token the same position in all three sections, which is plain 1-D RoPE."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key) or {}
+        for field in ("rope_type", "type"):
+            if params.get(field, "default") != "default":
+                raise UnsupportedConfig(f"{part} {key}.{field} = {params[field]!r}: only default "
+                                        f"(unscaled) RoPE is supported")
+
+
 def _rope_theta(text: dict) -> float:
+    _check_rope(text, "text model")
     params = text.get("rope_parameters") or {}
-    if params.get("rope_type", "default") != "default":
-        raise UnsupportedConfig(f"rope_type {params['rope_type']!r}: only default RoPE is supported")
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
 def _decoder(text: dict, qk_norm: bool, qkv_bias: bool, tie: bool) -> DecoderConfig:
     if text.get("hidden_act", "silu") != "silu":
         raise UnsupportedConfig(f"text model activation {text['hidden_act']!r}: SwiGLU (silu) only")
+    # Qwen2/Qwen3 configs carry a `sliding_window` size that is unused while this is false
+    if text.get("use_sliding_window"):
+        raise UnsupportedConfig(f"text model use_sliding_window = true (sliding_window "
+                                f"{text.get('sliding_window')!r}): only full attention is "
+                                f"supported")
     heads = text["num_attention_heads"]
     return DecoderConfig(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],

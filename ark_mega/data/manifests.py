@@ -35,6 +35,7 @@ from lhotse.cut import Cut
 from lhotse.serialization import deserialize_item
 
 from .features import N_FFT, SAMPLE_RATE
+from .prompts import language_name
 
 
 class ManifestError(ValueError):
@@ -170,6 +171,17 @@ class AudioChecks:
             raise self.error(line, name, "empty transcript", "empty_text")
         return value.strip()
 
+    def language(self, line: int, name: str, value) -> str | None:
+        """The record's language, a code or a name the prompts know (None or "": inferred from
+        the text); an unknown one is an error here rather than in a data worker."""
+        if value is None or value == "":
+            return None
+        try:
+            language_name(value, "")
+        except ValueError as e:
+            raise self.error(line, name, str(e), "bad_field") from e
+        return value
+
     def audio_path(self, line: int, obj: dict, name: str) -> str:
         if name not in obj:
             raise self.error(line, name, "missing", "missing_field")
@@ -291,9 +303,8 @@ def _reference_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cu
     begin, end = checks.segment(line, path, duration, 0.0 if begin == -1 else begin,
                                 None if end == -1 else end, ("begin_time", "end_time"), "audio")
     checks.samples(line, path, info.samplerate, begin, end, "audio")
-    language = obj.get("language")
-    return _make_cut(_file_recording(cut_id, path, info), begin, end, text, language,
-                     checks.manifest, line)
+    return _make_cut(_file_recording(cut_id, path, info), begin, end, text,
+                     checks.language(line, "language", obj.get("language")), checks.manifest, line)
 
 
 def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
@@ -311,8 +322,13 @@ def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
                                     "audio_filepath")
     checks.samples(line, path, info.samplerate, begin, end, "audio_filepath")
     return _make_cut(_file_recording(cut_id, path, info), begin, end, text,
-                     obj.get("lang") or obj.get("language"), checks.manifest, line,
-                     "audio_filepath")
+                     nemo_language(checks, line, obj), checks.manifest, line, "audio_filepath")
+
+
+def nemo_language(checks: AudioChecks, line: int, obj: dict) -> str | None:
+    """NeMo manifests name the language `lang` (or `language`)."""
+    name = "lang" if obj.get("lang") else "language"
+    return checks.language(line, name, obj.get(name))
 
 
 def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
@@ -343,7 +359,7 @@ def _lhotse_cut(checks: AudioChecks, line: int, cut: Cut) -> Cut:
     if cut.sampling_rate != SAMPLE_RATE:
         cut = cut.resample(SAMPLE_RATE)
     text = " ".join(s.text.strip() for s in sups)
-    language = sups[0].language
+    language = checks.language(line, "supervisions.language", sups[0].language)
     cut.supervisions = [SupervisionSegment(
         id=cut.id, recording_id=cut.recording_id, start=0.0, duration=cut.duration, text=text,
         language=language, custom={"manifest": checks.manifest, "line": line,

@@ -26,7 +26,8 @@ import soundfile as sf
 from lhotse import Recording
 from lhotse.cut import Cut
 
-from .manifests import AudioChecks, LoadPolicy, ManifestError, _make_cut, _records, _seconds
+from .manifests import (AudioChecks, LoadPolicy, ManifestError, _make_cut, _records, _seconds,
+                        nemo_language)
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -120,6 +121,5 @@ def _tarred_cut(checks: AudioChecks, line: int, obj: dict, data: bytes, cut_id: 
     begin, end = checks.segment(line, cut_id, duration, begin, end, ("offset", "duration"),
                                 "audio_filepath")
     recording = Recording.from_bytes(data, recording_id=cut_id)
-    return _make_cut(recording, begin, end, text,
-                     obj.get("lang") or obj.get("language"), checks.manifest, line,
-                     "audio_filepath")
+    return _make_cut(recording, begin, end, text, nemo_language(checks, line, obj),
+                     checks.manifest, line, "audio_filepath")

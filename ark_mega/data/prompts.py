@@ -48,13 +48,29 @@ QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN3_ASR_SPECIAL_TOKENS = ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<asr_text>")
 
 
-LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
+# The languages Qwen3-ASR transcribes, by code, named as its answers name them.
+LANGUAGE_NAMES = {
+    "zh": "Chinese", "en": "English", "yue": "Cantonese", "ar": "Arabic", "de": "German",
+    "fr": "French", "es": "Spanish", "pt": "Portuguese", "id": "Indonesian", "it": "Italian",
+    "ko": "Korean", "ru": "Russian", "th": "Thai", "vi": "Vietnamese", "ja": "Japanese",
+    "tr": "Turkish", "hi": "Hindi", "ms": "Malay", "nl": "Dutch", "sv": "Swedish",
+    "da": "Danish", "fi": "Finnish", "pl": "Polish", "cs": "Czech", "fil": "Filipino",
+    "fa": "Persian", "el": "Greek", "hu": "Hungarian", "mk": "Macedonian", "ro": "Romanian",
+}
+_NAMES_BY_KEY = {**{name.lower(): name for name in LANGUAGE_NAMES.values()}, **LANGUAGE_NAMES}
 
 
 def language_name(language: str | None, text: str) -> str:
-    """An utterance's language as the prompts name it: its manifest `language` ("en", "zh", or
-    a name), else inferred from its text."""
-    return LANGUAGE_NAMES.get(language, language) if language else infer_language(text)
+    """An utterance's language as the prompts name it: its manifest `language`, a code of
+    LANGUAGE_NAMES or one of its names (any case), else, when empty, inferred from its text.
+    Raises ValueError for any other language: Qwen3-ASR names no other."""
+    if not language:
+        return infer_language(text)
+    name = _NAMES_BY_KEY.get(str(language).lower())
+    if name is None:
+        raise ValueError(f"unknown language {language!r}: give one of the codes "
+                         f"{', '.join(LANGUAGE_NAMES)} or its English name")
+    return name
 
 
 def infer_language(text: str) -> str:
@@ -127,7 +143,7 @@ class PromptBuilder:
 
     def answer(self, text: str, language: str | None = None) -> list[int]:
         """Answer tokens for `text`, stop token included. `language` may be a manifest code
-        ("en", "zh") or a name; without it the language is inferred from the text."""
+        ("en", "fr") or a name (`language_name`); without it it is inferred from the text."""
         prefix = self.answer_prefix(language_name(language, text))
         return prefix + self.encode(text) + [self.stop_id]
 
