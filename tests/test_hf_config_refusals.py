@@ -71,3 +71,11 @@ def test_sliding_window_attention_is_refused(layout):
     with pytest.raises(UnsupportedConfig,
                        match="use_sliding_window = true \\(sliding_window 4096\\)"):
         config_from_hf(hf)
+
+
+@pytest.mark.parametrize("layout", ["glmasr", "qwen3_asr_thinker"])
+def test_partial_rotary_text_models_are_refused(layout):
+    hf = configs()[layout]
+    text_of(hf)["partial_rotary_factor"] = 0.25
+    with pytest.raises(UnsupportedConfig, match="text model partial_rotary_factor = 0.25"):
+        config_from_hf(hf)

@@ -182,6 +182,10 @@ def _check_rope(cfg: dict, part: str) -> None:
 def _rope_theta(text: dict) -> float:
     _check_rope(text, "text model")
     params = text.get("rope_parameters") or {}
+    partial = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:  # our decoders rotate every dimension of a head
+        raise UnsupportedConfig(f"text model partial_rotary_factor = {partial!r}: only full "
+                                f"RoPE is supported")
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
