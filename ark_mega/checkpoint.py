@@ -262,6 +262,15 @@ def _cause(e: BaseException) -> str:
     return f"{type(last).__name__}: {text[0] if text else ''}"
 
 
+def saved_schedule(path: str) -> dict | None:
+    """The LR scheduler state checkpoint `path` was saved with (None: it has none for this
+    rank; `load` says why where that matters)."""
+    rank_file = _rank_file(resolve(path))
+    if not os.path.isfile(rank_file):
+        return None
+    return torch.load(rank_file, weights_only=False).get("scheduler")
+
+
 def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
          optional: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint (or the newest in a folder of them) into `model` (and optimizer /

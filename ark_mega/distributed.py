@@ -83,6 +83,14 @@ class VocabShard:
         return full[self.start:self.start + self.size]
 
 
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether `flag` is true on any rank of `group` (all ranks by default): a decision every
+    rank of it takes together."""
+    out = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return bool(out.item())
+
+
 def vocab_shard(rows: int) -> VocabShard:
     """The shard of an output layer whose local weight has `rows` rows."""
     from megatron.core import parallel_state as ps

@@ -65,7 +65,8 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
     """{cut id: transcript} for every cut, on every rank. Data-parallel ranks split the cuts;
     the ranks of one model replica decode the same batches together. `on_batch(texts,
     seconds)` is called after each of this rank's batches with its {cut id: transcript}
-    (progress, real-time factor, incremental output)."""
+    (progress, real-time factor, incremental output); when it returns true this rank decodes
+    no more (the ranks of a replica must agree) and what was decoded is returned."""
     device = next(model.parameters()).device
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     share = CutSet(EveryNth(cuts, dp, dp_rank))  # every cut goes to exactly one DP rank, lazily
@@ -83,8 +84,8 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
                        prompts.stop_id, cfg, blocked.to(device))
         texts = {cid: answer_text(prompts, toks) for cid, toks in zip(batch.cut_ids, out.tokens)}
         mine.update(texts)
-        if on_batch is not None:
-            on_batch(texts, time.perf_counter() - t0)
+        if on_batch is not None and on_batch(texts, time.perf_counter() - t0):
+            break
     DecodeStep.release(model)  # batch shapes a training run's rollouts will not see again
     if dp == 1:
         return mine

@@ -4,6 +4,7 @@ data workers, the skip bound enforced by the trainer."""
 import gzip
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -133,6 +134,22 @@ def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_pa
                                          r"data.max_skip_fraction=0.01"):
         run("strict", 0.01)  # the missing file is known once the bucket edges are estimated
     assert not os.path.isdir(tmp_path / "strict" / "checkpoints" / "step_000001")
+
+
+
+def test_training_skips_a_cut_over_the_batch_budget_when_read(single_rank, tmp_path, tok_file,
+                                                              capfd):  # noqa: F811
+    from ark_mega.opd.trainer import Trainer
+
+    rows = [json.loads(line) for line in open(small_manifest(tmp_path, 12), encoding="utf-8")]
+    rows.insert(3, dict(rows[0], text=" ".join(["word"] * 1500)))  # alone over 1,200 tokens
+    manifest = tmp_path / "long.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    result = Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "run", steps=2, **{
+        "data.train": str(manifest), "data.skip_bad": True, "data.max_skip_fraction": 0.1}))).run()
+    assert (result["data_skipped"], result["data_records_read"]) == (1, 13)
+    assert re.search(rf"skipped {manifest}:4: field 'audio': needs \d+ decoder tokens, more than "
+                     r"a whole batch's budget of 1200 \(data.max_tokens\)", capfd.readouterr().out)
 
 
 def test_td_names_skipped_records_and_stops_past_the_bound_before_transcribing(

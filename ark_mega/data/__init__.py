@@ -8,6 +8,6 @@ from .prompts import PromptBuilder, infer_language
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
 __all__ = ["Batch", "Collator", "CutBatches", "LoadPolicy", "LogMel", "ManifestError",
-           "PromptBuilder", "SkipReport", "SkippedCuts", "TokenBudgetSampler", "TokenCounter", "TokenLimit",
-           "in_subset", "infer_language", "load_manifest", "load_tokenizer",
+           "PromptBuilder", "SkipReport", "SkippedCuts", "TokenBudgetSampler", "TokenCounter",
+           "TokenLimit", "in_subset", "infer_language", "load_manifest", "load_tokenizer",
            "train_bpe_tokenizer"]

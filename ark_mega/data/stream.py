@@ -4,8 +4,9 @@ At the paper's scale (tens of millions of cuts) reading and decoding every recor
 first step takes hours and tens of GB on every rank. `ManifestStream` is what the sampler
 iterates instead: each pass re-reads the manifest, keeps the `data.subset` records (decided
 per record, `in_subset`), and checks what is cheap there (fields, the file exists, its header
-gives the duration, and with `admit` that the cut fits a batch). Decoding the audio, the expensive check, happens in the data workers
-(`CutBatches`), which skip and report a record whose samples cannot be trained on.
+gives the duration, and with `admit` that the cut fits a batch). Decoding the audio, the
+expensive check, happens in the data workers (`CutBatches`), which skip and report a record
+whose samples cannot be trained on.
 
 `SkipLedger` counts what was skipped, by kind, each record once however many passes meet it,
 and stops the run once the skipped share of the records read passes `max_skip_fraction`

@@ -3,11 +3,12 @@
 Each data-parallel replica appends its transcripts to its own shard, `<out>.part-dp<r>.jsonl`
 (`{"id", "text"}` per line, flushed after every batch). A restarted job reads every shard
 first and transcribes only the utterances none of them holds, whatever its data-parallel size;
-a line cut short by a kill is dropped. When all are done (the shards read at the start plus
-what every replica transcribed, which each rank gets back), rank 0 writes the TD manifest in
-the order of the source manifest (reference JSONL with provenance: teacher checkpoint,
-reference text, source manifest and line; empty transcripts left out and counted), writes it
-atomically and removes the shards.
+a line cut short by a kill is dropped. A `stop()` that turns true (SLURM's USR1 notice) ends
+the job after the current batch, its shards kept. When all are done (the shards read at the
+start plus what every replica transcribed, which each rank gets back), rank 0 writes the TD
+manifest in the order of the source manifest (reference JSONL with provenance: teacher
+checkpoint, reference text, source manifest and line; empty transcripts left out and counted),
+writes it atomically and removes the shards.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lhotse import CutSet
 from megatron.core import parallel_state as ps
 
 from ..data.prompts import PromptBuilder
+from ..distributed import any_rank
 from ..models.audio_lm import AudioLM
 from ..transcribe import transcribe
 
@@ -55,9 +57,10 @@ def read_shard(path: str) -> dict[str, str]:
 
 def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts, total: int, out: str,
                            blocked: torch.Tensor, max_new_tokens: int, batch_tokens: int,
-                           teacher_name: str) -> str:
+                           teacher_name: str, stop=None) -> str | None:
     """The teacher's transcripts of `cuts` (a re-iterable source of `total` cuts, read lazily: a
-    few passes, never held) as the TD manifest `out`, resuming from its shards."""
+    few passes, never held) as the TD manifest `out`, resuming from its shards; None when
+    `stop()`, asked after every batch, was true on some rank (the shards hold what is done)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     texts = {}
     for path in _shards(out):
@@ -69,19 +72,26 @@ def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts, total
     progress = _Progress(len(texts), total, writer and ps.get_data_parallel_rank() == 0,
                          ps.get_data_parallel_world_size())
 
-    def on_batch(batch_texts: dict[str, str], seconds: float) -> None:
+    def on_batch(batch_texts: dict[str, str], seconds: float) -> bool:
+        nonlocal stopped
         if shard:
             shard.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
                              for i, t in batch_texts.items())
             shard.flush()
         progress.add(len(batch_texts))
+        # the ranks of a replica decode each batch together: they stop together
+        stopped = stop is not None and any_rank(stop(), ps.get_model_parallel_group())
+        return stopped
 
+    stopped = False
     try:
         texts.update(transcribe(teacher, prompts, CutSet(_Untranscribed(cuts, texts)), blocked,
                                 max_new_tokens, batch_tokens, on_batch))
     finally:
         if shard:
             shard.close()
+    if any_rank(stopped):  # a replica stopped: its cuts are not all transcribed
+        return None
     # every rank holds every transcript: all raise together rather than leave the others waiting
     if not any(texts[c.id].strip() for c in cuts):
         raise RuntimeError(f"TD: the teacher's transcripts of all {total} utterances are "

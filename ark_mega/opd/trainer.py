@@ -32,10 +32,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from .. import checkpoint
 from ..config import ModelConfig, OptimConfig, RunConfig, to_dict
 from ..data import (Batch, Collator, CutBatches, LoadPolicy, ManifestError, TokenBudgetSampler,
-                    TokenCounter)
+                    TokenCounter, TokenLimit)
 from ..data.nemo_tarred import shard_pairs
 from ..data.stream import ManifestStream, SkipLedger
-from ..distributed import device, init_parallel
+from ..distributed import any_rank, device, init_parallel
 from ..factory import build_model, run_dtype
 from ..metrics_log import MetricsLog
 from ..models import AudioLM
@@ -68,8 +68,26 @@ def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: i
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, o.warmup_steps + 1),
         lr_decay_style=o.schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+        wd_incr_steps=max(steps, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=o.schedule_on_resume != "config",
+        override_opt_param_scheduler=o.schedule_on_resume == "config")
     return ddp, optimizer, scheduler
+
+
+# megatron's scheduler state as the config names it (wd_incr_steps is left out: the weight
+# decay is constant); the decay's length matters only to a schedule that decays
+SCHEDULE_SETTINGS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr",
+                     "lr_warmup_steps": "optim.warmup_steps", "lr_decay_style": "optim.schedule",
+                     "lr_decay_steps": "steps", "start_wd": "optim.weight_decay",
+                     "end_wd": "optim.weight_decay"}
+
+
+def schedule_differences(saved: dict, config: dict) -> dict[str, tuple]:
+    """{config setting: (checkpoint's value, config's value)} where a saved scheduler state
+    and this run's differ."""
+    constant = saved["lr_decay_style"] == config["lr_decay_style"] == "constant"
+    return {name: (saved[key], config[key]) for key, name in SCHEDULE_SETTINGS.items()
+            if saved[key] != config[key] and not (key == "lr_decay_steps" and constant)}
 
 
 # bytes per parameter of one checkpoint: weights, fp32 main copy and Adam's two moments (bf16);
@@ -123,6 +141,7 @@ class Trainer:
                                                          ctc_head=cfg.sft.ctc_weight > 0)
         if cfg.student.checkpoint:  # a CTC head the checkpoint lacks starts fresh
             checkpoint.load(cfg.student.checkpoint, self.student, optional=("ctc_head.",))
+        self.tokens = TokenCounter(self.student_prompts)  # the stream's and the sampler's
         self.teacher = self.teacher_prompts = None
         if cfg.stage in ("td", "opd"):
             teacher_cfg = cfg.teacher
@@ -159,21 +178,25 @@ class Trainer:
         return LoadPolicy(skip_bad=data.skip_bad, max_skip_fraction=data.max_skip_fraction,
                           max_duration=data.max_duration)
 
-    def _train_stream(self) -> ManifestStream:
+    def _train_stream(self) -> ManifestStream | None:
+        """None when USR1 stopped TD's transcription."""
         cfg = self.cfg
         manifest, subset, tars = cfg.data.train, cfg.data.subset, cfg.data.tarred_audio_filepaths
         if cfg.stage == "td":  # the teacher transcribes the subset only: take all it wrote
             manifest, subset, tars = self._teacher_transcripts(), 1.0, None
+            if manifest is None:
+                return None
         return ManifestStream(manifest, self._load_policy(), subset,
                               on_skip=self._report_skip if self.is_writer else None,
-                              tarred_audio=tars)
+                              tarred_audio=tars,
+                              admit=TokenLimit(self.tokens, cfg.data.max_tokens))
 
     def _report_skip(self, err: ManifestError) -> None:
         print(f"[{self.cfg.name}] skipped {err}", flush=True)
 
-    def _teacher_transcripts(self) -> str:
+    def _teacher_transcripts(self) -> str | None:
         """TD: the teacher transcribes the training audio (data.subset of it) into a manifest,
-        resumably (ark_mega/opd/teacher_data.py)."""
+        resumably (ark_mega/opd/teacher_data.py); None when USR1 stopped it."""
         cfg = self.cfg
         out = cfg.td_manifest or os.path.join(cfg.output_dir, "teacher_transcripts.jsonl")
         if os.path.isfile(out):
@@ -187,13 +210,14 @@ class Trainer:
                               cfg.opd.blocked_from)
         return write_teacher_manifest(self.teacher, self.teacher_prompts, cuts, total, out,
                                       blocked, cfg.opd.generation.max_new_tokens,
-                                      cfg.eval_batch_tokens, cfg.teacher.checkpoint)
+                                      cfg.eval_batch_tokens, cfg.teacher.checkpoint,
+                                      stop=lambda: self.preempted)
 
     def _loader(self, cuts: CutSet, epoch: int, consumed: int):
         cfg = self.cfg
 
         def new_sampler():
-            s = TokenBudgetSampler(cuts, cfg.data.max_tokens, TokenCounter(self.student_prompts),
+            s = TokenBudgetSampler(cuts, cfg.data.max_tokens, self.tokens,
                                    num_buckets=cfg.data.num_buckets, seed=cfg.seed,
                                    rank=ps.get_data_parallel_rank(),
                                    world_size=ps.get_data_parallel_world_size())
@@ -222,11 +246,21 @@ class Trainer:
             raise ValueError(f"resume is off but {self.ckpt_dir} holds checkpoints (newest "
                              f"{os.path.basename(found)}): remove them or use another output_dir")
         if found:
+            self._check_schedule(found)
             extra = checkpoint.load(found, self.student, self.optimizer, self.scheduler)
+            if cfg.optim.schedule_on_resume == "config":
+                # torch's load took the param groups' max_lr / min_lr, which megatron's
+                # schedule reads before its own, from the checkpoint too
+                for group in self.optimizer.param_groups:
+                    group.update(max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr)
+                self.scheduler.step(0)
             step, epoch, consumed = extra["step"], extra["epoch"], extra["consumed"]
             if self.is_writer:
                 print(f"resumed from {found} at step {step}")
         stream = self._train_stream()
+        if stream is None:  # USR1 during TD's transcription: its shards keep what is done
+            self._mark_preempted(step, "the teacher's transcripts so far")
+            return {}
         self.skips = SkipLedger(stream, ps.get_data_parallel_group(), self.dev)
         cuts = stream.cuts()
         loader = iter(self._loader(cuts, epoch, consumed))
@@ -287,7 +321,7 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log(step, metrics)
             result = metrics
-            stop = self._any_rank(self.preempted)
+            stop = any_rank(self.preempted)
             if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 checkpoint.save(self.ckpt_dir, step, self.student, self.optimizer, self.scheduler,
                                 extra={"epoch": epoch, "consumed": consumed}, keep_last=cfg.keep_last)
@@ -296,6 +330,25 @@ class Trainer:
                 break
         log.close()
         return result
+
+    def _check_schedule(self, found: str) -> None:
+        """Before a resume loads anything: a checkpoint whose LR schedule differs from the
+        config's is refused (optim.schedule_on_resume=check) or followed, as the setting says."""
+        saved = checkpoint.saved_schedule(found)
+        differ = schedule_differences(saved, self.scheduler.state_dict()) if saved else {}
+        if not differ:
+            return
+        listed = ", ".join(f"{k} {a} (config {b})" for k, (a, b) in differ.items())
+        mode = self.cfg.optim.schedule_on_resume
+        if mode == "check":
+            raise ValueError(f"{found} was trained with another LR schedule: the checkpoint has "
+                             f"{listed}; set optim.schedule_on_resume=config to follow the "
+                             f"config's schedule from the resumed step on, or "
+                             f"optim.schedule_on_resume=checkpoint to keep the checkpoint's")
+        if self.is_writer:
+            kept = "the checkpoint's" if mode == "checkpoint" else "the config's"
+            print(f"[{self.cfg.name}] resuming with {kept} LR schedule "
+                  f"(optim.schedule_on_resume={mode}); the checkpoint has {listed}", flush=True)
 
     def _keep_if_best(self, step: int, rates: dict) -> None:
         """Save the weights to output_dir/best when their mean held-out error is the lowest so
@@ -338,22 +391,18 @@ class Trainer:
                 return item, consumed
         return None, consumed
 
-    def _mark_preempted(self, step: int) -> None:
-        """Tell the launcher (slurm/opd.sbatch) that the run stopped on USR1 after saving: the
-        exit code is 3, and torchrun, which reports 1 for any failed worker, is bypassed by the
-        file named in ARK_PREEMPT_MARKER."""
+    def _mark_preempted(self, step: int, saved: str | None = None) -> None:
+        """Tell the launcher (slurm/opd.sbatch) that the run stopped on USR1 after saving
+        (step's checkpoint, or what `saved` names): the exit code is 3, and torchrun, which
+        reports 1 for any failed worker, is bypassed by the file named in ARK_PREEMPT_MARKER."""
         self.preempted = True
+        saved = saved or f"step {step}"
         if dist.get_rank() == 0:
-            print(f"[{self.cfg.name}] USR1: saved step {step} and stopping", flush=True)
+            print(f"[{self.cfg.name}] USR1: saved {saved} and stopping", flush=True)
             marker = os.environ.get("ARK_PREEMPT_MARKER")
             if marker:
                 with open(marker, "w") as f:
-                    f.write(f"{step}\n")
-
-    def _any_rank(self, flag: bool) -> bool:
-        out = torch.tensor([1.0 if flag else 0.0], device=self.dev)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return bool(out.item())
+                    f.write(f"{saved}\n")
 
     def _loss_state(self, loss: float | None) -> str:
         """"ok", "nonfinite", or "none" (the step scored no position: OPD's rollouts all
