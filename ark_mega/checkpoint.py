@@ -99,6 +99,17 @@ def _sharded(model, optimizer, scheduler, loading: bool) -> dict:
     return sd
 
 
+def _distributed(optimizer) -> bool | None:
+    """Whether `optimizer` is megatron's distributed optimizer (None: no optimizer): its state
+    is laid out differently, so a checkpoint resumes only with the kind that saved it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if optimizer is None:
+        return None
+    return any(isinstance(opt, DistributedOptimizer)
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _prepare_optimizer_for_load(optimizer) -> None:
     """A distributed optimizer that has not stepped yet has no Adam state to load into (with
     torch's Adam, its state_dict() then fails): megatron's own dummy step allocates it, and the
@@ -201,7 +212,8 @@ def _save(root, step, model, optimizer, scheduler, extra, keep_last) -> str:
             with open(os.path.join(tmp, "model.json"), "w") as f:
                 json.dump(model.cfg.to_dict(), f, indent=1)
         torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
-                    "rng": rng_state(), **(extra or {})}, _rank_file(tmp))
+                    "rng": rng_state(), "distributed_optimizer": _distributed(optimizer),
+                    **(extra or {})}, _rank_file(tmp))
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay as they were
         free = shutil.disk_usage(root).free / 2**20
@@ -262,13 +274,19 @@ def _cause(e: BaseException) -> str:
     return f"{type(last).__name__}: {text[0] if text else ''}"
 
 
-def saved_schedule(path: str) -> dict | None:
-    """The LR scheduler state checkpoint `path` was saved with (None: it has none for this
-    rank; `load` says why where that matters)."""
-    rank_file = _rank_file(resolve(path))
+def _resume_state(path: str) -> dict:
+    """This rank's state of checkpoint `path` beside the tensors (step, scheduler, RNG, ...)."""
+    rank_file = _rank_file(path)
     if not os.path.isfile(rank_file):
-        return None
-    return torch.load(rank_file, weights_only=False).get("scheduler")
+        raise FileNotFoundError(f"{path} has no state for rank {dist.get_rank()}: it was saved "
+                                f"with fewer ranks; resume at the same world size, or load its "
+                                f"weights only (as a stage's initial checkpoint)")
+    return torch.load(rank_file, weights_only=False)
+
+
+def saved_schedule(path: str) -> dict | None:
+    """The LR scheduler state checkpoint `path` was saved with (None: it was saved without)."""
+    return _resume_state(resolve(path)).get("scheduler")
 
 
 def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
@@ -282,6 +300,12 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
     model lacks are not read."""
     path = resolve(path)
     if optimizer is not None:
+        extra = _resume_state(path)
+        saved_kind, kind = extra.get("distributed_optimizer"), _distributed(optimizer)
+        if saved_kind is not None and saved_kind != kind:  # megatron would fail on a missing key
+            raise ValueError(f"{path} was saved with optim.distributed={str(saved_kind).lower()}, "
+                             f"this run has optim.distributed={str(kind).lower()}: resume with "
+                             f"the same setting")
         _prepare_optimizer_for_load(optimizer)
     sharded = _sharded(model, optimizer, scheduler, loading=True)
     if optional and optimizer is not None:
@@ -302,12 +326,6 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
     form = _adam_form(optimizer)
     optimizer.load_state_dict(state["optimizer"])
     _set_adam_form(optimizer, form)
-    rank_file = _rank_file(path)
-    if not os.path.isfile(rank_file):
-        raise FileNotFoundError(f"{path} has no state for rank {dist.get_rank()}: it was saved "
-                                f"with fewer ranks; resume at the same world size, or load its "
-                                f"weights only (as a stage's initial checkpoint)")
-    extra = torch.load(rank_file, weights_only=False)
     if scheduler is not None and extra.get("scheduler") is not None:
         scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])

@@ -1,5 +1,6 @@
 """A resumed run whose LR schedule differs from its checkpoint's (optim.schedule_on_resume): by
-default refused before anything is loaded, else the checkpoint's or the config's schedule."""
+default refused before anything is loaded, else the checkpoint's or the config's schedule. A
+run with the other kind of optimizer (optim.distributed) is refused."""
 
 import json
 import math
@@ -109,3 +110,12 @@ def test_an_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="optim.schedule_on_resume must be check, checkpoint or "
                                          "config, got 'keep'"):
         load_config(None, ["optim.schedule_on_resume=keep"])
+
+
+def test_a_checkpoint_resumes_only_with_the_optimizer_kind_that_saved_it(saved, tmp_path,
+                                                                         tok_file):
+    out = tmp_path / "run"
+    shutil.copytree(saved(False), out)
+    with pytest.raises(ValueError, match=r"saved with optim.distributed=false, this run has "
+                                         r"optim.distributed=true: resume with the same setting"):
+        trainer(tmp_path, tok_file, out, 4, **{"optim.distributed": True}).run()
