@@ -183,7 +183,7 @@ class RunConfig:
     sft: SFTSettings = field(default_factory=SFTSettings)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     steps: int = 100
-    seed: int = 1234
+    seed: int = 1234  # the data order (sampler); initial weights follow parallel.seed
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     save_every: int = 100
     keep_last: int = 3  # 0 keeps every checkpoint

@@ -24,7 +24,7 @@ import torch.distributed as dist
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    seed: int = 1234
+    seed: int = 1234  # initial weights (torch and megatron's RNG tracker); `seed`: data order
     timeout_minutes: int = 30
 
     def __post_init__(self):
