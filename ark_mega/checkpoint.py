@@ -284,9 +284,30 @@ def _resume_state(path: str) -> dict:
     return torch.load(rank_file, weights_only=False)
 
 
-def saved_schedule(path: str) -> dict | None:
-    """The LR scheduler state checkpoint `path` was saved with (None: it was saved without)."""
-    return _resume_state(resolve(path)).get("scheduler")
+def saved_settings(path: str) -> dict:
+    """What checkpoint `path` was trained with beside its tensors: the LR scheduler's state
+    and Adam's `betas` (each absent when it was saved without)."""
+    path = resolve(path)
+    settings = dict(_resume_state(path).get("scheduler") or {})
+    groups = _param_groups(dist_checkpointing.load_common_state_dict(path).get("optimizer"))
+    if groups:
+        settings["betas"] = tuple(groups[0]["betas"])
+    return settings
+
+
+def _param_groups(state) -> list | None:
+    """The torch param groups inside an optimizer's saved common state (nested differently
+    by megatron's plain and distributed optimizers)."""
+    if isinstance(state, dict):
+        if "param_groups" in state:
+            return state["param_groups"]
+        state = list(state.values())
+    if isinstance(state, list):
+        for item in state:
+            found = _param_groups(item)
+            if found:
+                return found
+    return None
 
 
 def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,

@@ -80,18 +80,18 @@ class OptimConfig:
     # TE or apex, whose fused Adam megatron would take) makes ~10 passes; by default (None) on
     # with CUDA (on the CPU torch's default is its per-parameter loop)
     fused: bool | None = None
-    # a resumed run whose LR schedule (optim.lr, min_lr, warmup_steps, schedule, weight_decay,
-    # and steps, the cosine's length) differs from its checkpoint's: check (refuse, naming
-    # each difference) | checkpoint (keep the checkpoint's) | config (the config's from the
-    # resumed step on); as Megatron-LM's --use-checkpoint-opt_param-scheduler /
-    # --override-opt_param-scheduler
-    schedule_on_resume: str = "check"
+    # a resumed run whose optimizer settings (the LR schedule: optim.lr, min_lr, warmup_steps,
+    # schedule, weight_decay and steps, the cosine's length; Adam's betas) differ from its
+    # checkpoint's: check (refuse, naming each difference) | checkpoint (keep the checkpoint's)
+    # | config (the config's from the resumed step on); as Megatron-LM's
+    # --use-checkpoint-opt_param-scheduler / --override-opt_param-scheduler
+    on_resume: str = "check"
 
     def __post_init__(self):
         _check("optim.schedule", self.schedule, self.schedule in ("constant", "cosine"),
                "constant or cosine")
-        _check("optim.schedule_on_resume", self.schedule_on_resume,
-               self.schedule_on_resume in ("check", "checkpoint", "config"),
+        _check("optim.on_resume", self.on_resume,
+               self.on_resume in ("check", "checkpoint", "config"),
                "check, checkpoint or config")
         _check("optim.lr", self.lr, self.lr > 0, "positive")
         for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps"):

@@ -69,25 +69,28 @@ def build_optimizer(model: AudioLM, o: OptimConfig, dtype: torch.dtype, steps: i
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(steps, o.warmup_steps + 1),
         lr_decay_style=o.schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=max(steps, 1), wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=o.schedule_on_resume != "config",
-        override_opt_param_scheduler=o.schedule_on_resume == "config")
+        use_checkpoint_opt_param_scheduler=o.on_resume != "config",
+        override_opt_param_scheduler=o.on_resume == "config")
     return ddp, optimizer, scheduler
 
 
-# megatron's scheduler state as the config names it (wd_incr_steps is left out: the weight
-# decay is constant); the decay's length matters only to a schedule that decays
-SCHEDULE_SETTINGS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr",
-                     "lr_warmup_steps": "optim.warmup_steps", "lr_decay_style": "optim.schedule",
-                     "lr_decay_steps": "steps", "start_wd": "optim.weight_decay",
-                     "end_wd": "optim.weight_decay"}
+# megatron's scheduler state (wd_incr_steps is left out: the weight decay is constant) and
+# Adam's betas, as the config names them; the decay's length matters only to a schedule that
+# decays
+RESUME_SETTINGS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr",
+                   "lr_warmup_steps": "optim.warmup_steps", "lr_decay_style": "optim.schedule",
+                   "lr_decay_steps": "steps", "start_wd": "optim.weight_decay",
+                   "end_wd": "optim.weight_decay",
+                   "betas": "(optim.adam_beta1, optim.adam_beta2)"}
 
 
-def schedule_differences(saved: dict, config: dict) -> dict[str, tuple]:
-    """{config setting: (checkpoint's value, config's value)} where a saved scheduler state
-    and this run's differ."""
-    constant = saved["lr_decay_style"] == config["lr_decay_style"] == "constant"
-    return {name: (saved[key], config[key]) for key, name in SCHEDULE_SETTINGS.items()
-            if saved[key] != config[key] and not (key == "lr_decay_steps" and constant)}
+def resume_differences(saved: dict, config: dict) -> dict[str, tuple]:
+    """{config setting: (checkpoint's value, config's value)} where the settings a checkpoint
+    was saved with (`checkpoint.saved_settings`) and this run's differ."""
+    constant = saved.get("lr_decay_style") == config["lr_decay_style"] == "constant"
+    return {name: (saved[key], config[key]) for key, name in RESUME_SETTINGS.items()
+            if key in saved and saved[key] != config[key]
+            and not (key == "lr_decay_steps" and constant)}
 
 
 # bytes per parameter of one checkpoint: weights, fp32 main copy and Adam's two moments (bf16);
@@ -246,13 +249,14 @@ class Trainer:
             raise ValueError(f"resume is off but {self.ckpt_dir} holds checkpoints (newest "
                              f"{os.path.basename(found)}): remove them or use another output_dir")
         if found:
-            self._check_schedule(found)
+            self._check_resume_settings(found)
             extra = checkpoint.load(found, self.student, self.optimizer, self.scheduler)
-            if cfg.optim.schedule_on_resume == "config":
-                # torch's load took the param groups' max_lr / min_lr, which megatron's
-                # schedule reads before its own, from the checkpoint too
+            if cfg.optim.on_resume == "config":
+                # torch's load took the param groups' betas and max_lr / min_lr (which
+                # megatron's schedule reads before its own) from the checkpoint too
+                o = cfg.optim
                 for group in self.optimizer.param_groups:
-                    group.update(max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr)
+                    group.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2))
                 self.scheduler.step(0)
             step, epoch, consumed = extra["step"], extra["epoch"], extra["consumed"]
             if self.is_writer:
@@ -331,24 +335,25 @@ class Trainer:
         log.close()
         return result
 
-    def _check_schedule(self, found: str) -> None:
-        """Before a resume loads anything: a checkpoint whose LR schedule differs from the
-        config's is refused (optim.schedule_on_resume=check) or followed, as the setting says."""
-        saved = checkpoint.saved_schedule(found)
-        differ = schedule_differences(saved, self.scheduler.state_dict()) if saved else {}
+    def _check_resume_settings(self, found: str) -> None:
+        """Before a resume loads anything: a checkpoint whose LR schedule or Adam betas differ
+        from the config's is refused (optim.on_resume=check) or followed, as the setting says."""
+        o = self.cfg.optim
+        differ = resume_differences(checkpoint.saved_settings(found), {
+            **self.scheduler.state_dict(), "betas": (o.adam_beta1, o.adam_beta2)})
         if not differ:
             return
         listed = ", ".join(f"{k} {a} (config {b})" for k, (a, b) in differ.items())
-        mode = self.cfg.optim.schedule_on_resume
+        mode = self.cfg.optim.on_resume
         if mode == "check":
-            raise ValueError(f"{found} was trained with another LR schedule: the checkpoint has "
-                             f"{listed}; set optim.schedule_on_resume=config to follow the "
-                             f"config's schedule from the resumed step on, or "
-                             f"optim.schedule_on_resume=checkpoint to keep the checkpoint's")
+            raise ValueError(f"{found} was trained with other optimizer settings: the "
+                             f"checkpoint has {listed}; set optim.on_resume=config to follow "
+                             f"the config's from the resumed step on, or "
+                             f"optim.on_resume=checkpoint to keep the checkpoint's")
         if self.is_writer:
             kept = "the checkpoint's" if mode == "checkpoint" else "the config's"
-            print(f"[{self.cfg.name}] resuming with {kept} LR schedule "
-                  f"(optim.schedule_on_resume={mode}); the checkpoint has {listed}", flush=True)
+            print(f"[{self.cfg.name}] resuming with {kept} optimizer settings "
+                  f"(optim.on_resume={mode}); the checkpoint has {listed}", flush=True)
 
     def _keep_if_best(self, step: int, rates: dict) -> None:
         """Save the weights to output_dir/best when their mean held-out error is the lowest so

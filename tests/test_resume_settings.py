@@ -1,5 +1,5 @@
-"""A resumed run whose LR schedule differs from its checkpoint's (optim.schedule_on_resume): by
-default refused before anything is loaded, else the checkpoint's or the config's schedule. A
+"""A resumed run whose LR schedule or Adam betas differ from its checkpoint's (optim.on_resume):
+by default refused before anything is loaded, else the checkpoint's or the config's settings. A
 run with the other kind of optimizer (optim.distributed) is refused."""
 
 import json
@@ -72,9 +72,9 @@ def resumed(saved, tmp_path, tok_file):
 def test_by_default_a_changed_schedule_is_refused_before_anything_loads(resumed):
     t = resumed(**{"optim.lr": 2e-3})
     before = [p.detach().clone() for p in t.student.parameters()]
-    with pytest.raises(ValueError, match=r"another LR schedule: the checkpoint has optim.lr "
+    with pytest.raises(ValueError, match=r"other optimizer settings: the checkpoint has optim.lr "
                        r"0.001 \(config 0.002\), steps 4 \(config 8\); set optim."
-                       r"schedule_on_resume=config .* or optim.schedule_on_resume=checkpoint"):
+                       r"on_resume=config .* or optim.on_resume=checkpoint"):
         t.run()
     assert all(torch.equal(p, q) for p, q in zip(t.student.parameters(), before))
     assert t.scheduler.num_steps == 0
@@ -85,11 +85,11 @@ def test_config_follows_the_new_decay_from_the_resumed_step(resumed, tmp_path, t
                                                             monkeypatch, distributed):
     """Also with megatron's distributed optimizer (which rebuilds its param groups at load)."""
     new = {"optim.lr": 2e-3, "optim.distributed": distributed}
-    t = resumed(**new, **{"optim.schedule_on_resume": "config"})
+    t = resumed(**new, **{"optim.on_resume": "config"})
     used = lrs_used(t, monkeypatch)
     t.run()
     monkeypatch.undo()  # the fresh run's steps are not recorded
-    assert "resuming with the config's LR schedule" in capsys.readouterr().out
+    assert "resuming with the config's optimizer settings" in capsys.readouterr().out
     trainer(tmp_path, tok_file, tmp_path / "fresh", 8, **new).run()
     fresh = lrs(tmp_path / "fresh")
     assert used == [fresh[s] for s in range(4, 8)]  # steps 5-8 run with the LR set after 4-7
@@ -98,18 +98,34 @@ def test_config_follows_the_new_decay_from_the_resumed_step(resumed, tmp_path, t
 
 
 def test_checkpoint_keeps_the_old_decay(resumed, tmp_path, capsys):
-    resumed(**{"optim.lr": 2e-3, "optim.schedule_on_resume": "checkpoint"}).run()
-    assert "resuming with the checkpoint's LR schedule" in capsys.readouterr().out
+    resumed(**{"optim.lr": 2e-3, "optim.on_resume": "checkpoint"}).run()
+    assert "resuming with the checkpoint's optimizer settings" in capsys.readouterr().out
     got = lrs(tmp_path / "run")
     assert got.keys() == set(range(1, 9))
     assert got[2] == pytest.approx(cosine(2, 4, 1e-3), rel=1e-9)
     assert [got[s] for s in range(5, 9)] == [pytest.approx(1e-4)] * 4  # the old decay ended
 
 
+
+@pytest.mark.parametrize("mode,distributed", [("check", False), ("checkpoint", False),
+                                              ("config", False), ("config", True)])
+def test_adam_betas_are_refused_kept_or_replaced_as_the_setting_says(resumed, mode, distributed):
+    t = resumed(**{"optim.adam_beta2": 0.99, "optim.distributed": distributed,
+                   "optim.on_resume": mode})
+    if mode == "check":
+        with pytest.raises(ValueError, match=r"\(optim.adam_beta1, optim.adam_beta2\) \(0.9, "
+                                             r"0.999\) \(config \(0.9, 0.99\)\)"):
+            t.run()
+        return
+    t.run()
+    want = (0.9, 0.999) if mode == "checkpoint" else (0.9, 0.99)
+    assert {tuple(g["betas"]) for g in t.optimizer.param_groups} == {want}
+
+
 def test_an_unknown_setting_is_refused():
-    with pytest.raises(ValueError, match="optim.schedule_on_resume must be check, checkpoint or "
+    with pytest.raises(ValueError, match="optim.on_resume must be check, checkpoint or "
                                          "config, got 'keep'"):
-        load_config(None, ["optim.schedule_on_resume=keep"])
+        load_config(None, ["optim.on_resume=keep"])
 
 
 def test_a_checkpoint_resumes_only_with_the_optimizer_kind_that_saved_it(saved, tmp_path,
