@@ -22,6 +22,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint import CheckpointException
 
+from .distributed import any_rank
+
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -277,8 +279,8 @@ def _cause(e: BaseException) -> str:
 def _resume_state(path: str) -> dict:
     """This rank's state of checkpoint `path` beside the tensors (step, scheduler, RNG, ...)."""
     rank_file = _rank_file(path)
-    if not os.path.isfile(rank_file):
-        raise FileNotFoundError(f"{path} has no state for rank {dist.get_rank()}: it was saved "
+    if any_rank(not os.path.isfile(rank_file)):  # every rank stops here, not only those without
+        raise FileNotFoundError(f"{path} has no state for some ranks of this run: it was saved "
                                 f"with fewer ranks; resume at the same world size, or load its "
                                 f"weights only (as a stage's initial checkpoint)")
     return torch.load(rank_file, weights_only=False)
@@ -324,9 +326,11 @@ def load(path: str, model, optimizer=None, scheduler=None, strict: bool = True,
         extra = _resume_state(path)
         saved_kind, kind = extra.get("distributed_optimizer"), _distributed(optimizer)
         if saved_kind is not None and saved_kind != kind:  # megatron would fail on a missing key
-            raise ValueError(f"{path} was saved with optim.distributed={str(saved_kind).lower()}, "
-                             f"this run has optim.distributed={str(kind).lower()}: resume with "
-                             f"the same setting")
+            raise ValueError(f"{path} was saved with megatron's distributed optimizer "
+                             f"{'on' if saved_kind else 'off'}, this run has it "
+                             f"{'on' if kind else 'off'} (optim.distributed; by default on with "
+                             f"CUDA only): resume with the same, or start a new output_dir from "
+                             f"its weights (student.checkpoint)")
         _prepare_optimizer_for_load(optimizer)
     sharded = _sharded(model, optimizer, scheduler, loading=True)
     if optional and optimizer is not None:

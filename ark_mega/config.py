@@ -150,6 +150,8 @@ class OPDSettings:
         _check("opd.temperature", self.temperature, self.temperature > 0, "positive")
         _check("opd.min_token_map_coverage", self.min_token_map_coverage,
                0.0 <= self.min_token_map_coverage <= 1.0, "in [0, 1]")
+        _check("opd.blocked_from", self.blocked_from,
+               self.blocked_from is None or self.blocked_from >= 0, "at least 0 (or null)")
         # one distillation width: the rollout keeps the student's top-k for the union
         if self.generation.top_k is None:
             self.generation.top_k = self.top_k

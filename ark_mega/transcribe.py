@@ -44,6 +44,8 @@ def blocked_ids(prompts: PromptBuilder, vocab_size: int,
         if token.special:
             blocked[tokenizer.token_to_id(token.content)] = True
     if blocked_from is not None:
+        if blocked_from < 0:
+            raise ValueError(f"blocked_from must be at least 0, got {blocked_from}")
         blocked[blocked_from:] = True
     blocked[[prompts.stop_id] + prompts.answer_special_ids] = False
     return blocked
@@ -61,12 +63,13 @@ def answer_text(prompts: PromptBuilder, ids: list[int]) -> str:
 @torch.no_grad()
 def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: torch.Tensor,
                max_new_tokens: int = 256, batch_tokens: int = 8192,
-               on_batch=None) -> dict[str, str]:
+               on_batch=None, stop=None) -> dict[str, str]:
     """{cut id: transcript} for every cut, on every rank. Data-parallel ranks split the cuts;
     the ranks of one model replica decode the same batches together. `on_batch(texts,
     seconds)` is called after each of this rank's batches with its {cut id: transcript}
-    (progress, real-time factor, incremental output); when it returns true this rank decodes
-    no more (the ranks of a replica must agree) and what was decoded is returned."""
+    (progress, real-time factor, incremental output). `stop()`, asked after each batch, ends
+    this rank's decoding when true (the ranks of a replica must agree); what was decoded is
+    returned."""
     device = next(model.parameters()).device
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     share = CutSet(EveryNth(cuts, dp, dp_rank))  # every cut goes to exactly one DP rank, lazily
@@ -84,7 +87,9 @@ def transcribe(model: AudioLM, prompts: PromptBuilder, cuts: CutSet, blocked: to
                        prompts.stop_id, cfg, blocked.to(device))
         texts = {cid: answer_text(prompts, toks) for cid, toks in zip(batch.cut_ids, out.tokens)}
         mine.update(texts)
-        if on_batch is not None and on_batch(texts, time.perf_counter() - t0):
+        if on_batch is not None:
+            on_batch(texts, time.perf_counter() - t0)
+        if stop is not None and stop():
             break
     DecodeStep.release(model)  # batch shapes a training run's rollouts will not see again
     if dp == 1:

@@ -24,6 +24,7 @@ def test_shipped_run_configs_load(path):
     ("optim.warmup_steps=-2", "optim.warmup_steps must be at least 0, got -2"),
     ("optim.adam_beta2=1.0", r"optim.adam_beta2 must be in \[0, 1\), got 1.0"),
     ("optim.schedule=linear", "optim.schedule must be constant or cosine, got 'linear'"),
+    ("opd.blocked_from=-5", r"opd.blocked_from must be at least 0 \(or null\), got -5"),
     ("dtype=fp16", "dtype must be auto, bf16 or fp32, got 'fp16'"),
     ("stage=rl", "stage must be sft, td or opd, got 'rl'"),
     ("steps=0", "steps must be at least 1, got 0"),

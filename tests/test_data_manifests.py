@@ -96,14 +96,18 @@ def test_lhotse_manifest_records_are_named_by_their_line(tmp_path, audio):
     cuts.to_file(str(path))
     one, two = path.read_text().splitlines()
     not_a_cut = json.dumps({"type": "MonoCut", "id": "x", "start": 0})
+    first, second = list(cuts)
+    mixed = json.dumps(first.mix(second).to_dict())
+    untyped = {k: v for k, v in json.loads(two).items() if k != "type"} | {"id": "untyped"}
     m = write_jsonl(tmp_path / "bad.jsonl", [one, "", '{"type": "MonoCut", "id": ', two,
-                                             not_a_cut, one])
+                                             not_a_cut, one, mixed, untyped])
     assert manifest_format(m) == "lhotse"
     kept, report = load_manifest(m, LoadPolicy(skip_bad=True, max_skip_fraction=0.9))
-    assert [c.supervisions[0].custom["line"] for c in kept] == [1, 4]
+    assert [c.supervisions[0].custom["line"] for c in kept] == [1, 4, 8]
     assert [(e.line, e.field, e.kind) for e in report.errors] == [
-        (3, "<json>", "malformed_json"), (5, "<cut>", "bad_field"), (6, "id", "duplicate_id")]
-    assert "repeats the id of line 1" in str(report.errors[-1])
+        (3, "<json>", "malformed_json"), (5, "<cut>", "bad_field"), (6, "id", "duplicate_id"),
+        (7, "type", "bad_field")]
+    assert "repeats the id of line 1" in str(report.errors[2])
     with pytest.raises(ManifestError, match=r"bad.jsonl:3: field '<json>': malformed JSON"):
         load_manifest(m)
 

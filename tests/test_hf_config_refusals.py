@@ -73,7 +73,7 @@ def test_sliding_window_attention_is_refused(layout):
         config_from_hf(hf)
 
 
-@pytest.mark.parametrize("layout", ["glmasr", "qwen3_asr_thinker"])
+@pytest.mark.parametrize("layout", ["glmasr", "arkasr", "qwen3_asr", "qwen3_asr_thinker"])
 def test_partial_rotary_text_models_are_refused(layout):
     hf = configs()[layout]
     text_of(hf)["partial_rotary_factor"] = 0.25

@@ -19,7 +19,14 @@ def test_no_language_is_inferred_from_the_text():
     assert language_name(None, "hello there") == "English"
 
 
-@pytest.mark.parametrize("language", ["xx", "Klingon", "en-US", "farsi", 7])
+def test_a_region_tag_names_its_language_unless_it_is_ambiguous():
+    assert [language_name(x, "hello") for x in ("en-US", "zh-CN", "pt_BR", "zh-TW")] \
+        == ["English", "Chinese", "Portuguese", "Chinese"]
+    with pytest.raises(ValueError, match="'zh-HK' is ambiguous .*: give yue or zh"):
+        language_name("zh-HK", "hello")
+
+
+@pytest.mark.parametrize("language", ["xx", "Klingon", "xx-US", "farsi", 7])
 def test_an_unknown_language_is_an_error_listing_the_codes(language):
     with pytest.raises(ValueError, match=f"unknown language {language!r}: give one of the codes "
                                          "zh, en, yue, ar, .*, ro or its English name"):

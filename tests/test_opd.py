@@ -213,7 +213,7 @@ def test_cross_tokenizer_map_and_alignment(single_rank):
     assert TokenMap(s_tok, s_tok, 384, 384).identity
     for lookup, name in ((tmap.to_student, "t2s"), (tmap.to_teacher, "s2t")):
         assert lookup(torch.tensor([1, 2], device="meta")).device.type == "meta"
-        table = getattr(tmap, name)  # moved to the ids' device once, then kept there
+        table = getattr(tmap, name)  # moved to the ids' device and kept there
         assert table.device.type == "meta" and lookup(torch.tensor([3], device="meta")) is not None
         assert getattr(tmap, name) is table
 

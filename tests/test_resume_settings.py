@@ -30,13 +30,14 @@ def lrs(out):
         return {r["step"]: r["lr"] for r in map(json.loads, f)}
 
 
-def lrs_used(t, monkeypatch):
-    """The LR each step of trainer `t` runs with, appended as it runs."""
+def used_by_steps(t, monkeypatch, read=lambda groups: groups[0]["lr"]):
+    """What `read` finds in the optimizer's param groups as each step of trainer `t` runs (by
+    default the LR), appended as it runs."""
     from ark_mega.opd import trainer as trainer_module
 
     used, sft_step = [], trainer_module.sft_step
     monkeypatch.setattr(trainer_module, "sft_step", lambda *a, **k: used.append(
-        t.optimizer.param_groups[0]["lr"]) or sft_step(*a, **k))
+        read(t.optimizer.param_groups)) or sft_step(*a, **k))
     return used
 
 
@@ -86,7 +87,7 @@ def test_config_follows_the_new_decay_from_the_resumed_step(resumed, tmp_path, t
     """Also with megatron's distributed optimizer (which rebuilds its param groups at load)."""
     new = {"optim.lr": 2e-3, "optim.distributed": distributed}
     t = resumed(**new, **{"optim.on_resume": "config"})
-    used = lrs_used(t, monkeypatch)
+    used = used_by_steps(t, monkeypatch)
     t.run()
     monkeypatch.undo()  # the fresh run's steps are not recorded
     assert "resuming with the config's optimizer settings" in capsys.readouterr().out
@@ -108,7 +109,8 @@ def test_checkpoint_keeps_the_old_decay(resumed, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode,distributed", [("check", False), ("checkpoint", False),
-                                              ("config", False), ("config", True)])
+                                              ("config", False), ("check", True),
+                                              ("config", True)])
 def test_adam_betas_are_refused_kept_or_replaced_as_the_setting_says(resumed, mode, distributed):
     t = resumed(**{"optim.adam_beta2": 0.99, "optim.distributed": distributed,
                    "optim.on_resume": mode})
@@ -122,6 +124,15 @@ def test_adam_betas_are_refused_kept_or_replaced_as_the_setting_says(resumed, mo
     assert {tuple(g["betas"]) for g in t.optimizer.param_groups} == {want}
 
 
+
+def test_checkpoint_keeps_its_weight_decay_from_the_first_resumed_step(resumed, monkeypatch):
+    """megatron's scheduler load steps before it reads the saved weight decay."""
+    t = resumed(**{"optim.weight_decay": 0.1, "optim.on_resume": "checkpoint"})
+    used = used_by_steps(t, monkeypatch, lambda groups: max(g["weight_decay"] for g in groups))
+    t.run()
+    assert used == [0.0] * 4  # the saved run's (run_overrides)
+
+
 def test_an_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="optim.on_resume must be check, checkpoint or "
                                          "config, got 'keep'"):
@@ -132,6 +143,7 @@ def test_a_checkpoint_resumes_only_with_the_optimizer_kind_that_saved_it(saved, 
                                                                          tok_file):
     out = tmp_path / "run"
     shutil.copytree(saved(False), out)
-    with pytest.raises(ValueError, match=r"saved with optim.distributed=false, this run has "
-                                         r"optim.distributed=true: resume with the same setting"):
+    with pytest.raises(ValueError, match=r"saved with megatron's distributed optimizer off, this "
+                                         r"run has it on \(optim.distributed; .*\): resume with "
+                                         r"the same, or start a new output_dir"):
         trainer(tmp_path, tok_file, out, 4, **{"optim.distributed": True}).run()

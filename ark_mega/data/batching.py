@@ -65,21 +65,24 @@ def cut_error(cut: Cut, reason: str, kind: str) -> ManifestError:
                          where.get("field", "audio"), reason, kind)
 
 
-def over_budget(cut: Cut, tokens: int, max_tokens: int) -> ManifestError:
+def over_budget(cut: Cut, tokens: int, max_tokens: int, setting: str | None = None
+                ) -> ManifestError:
+    named = f" ({setting})" if setting else ""
     return cut_error(cut, f"needs {tokens} decoder tokens, more than a whole batch's budget of "
-                     f"{max_tokens} (data.max_tokens)", "over_token_budget")
+                     f"{max_tokens}{named}", "over_token_budget")
 
 
 class TokenLimit:
     """A stream's check (`ManifestStream(admit=...)`) that a cut fits a batch on its own: one
     that does not is an error, or a counted skip, when it is read, before the sampler meets it."""
 
-    def __init__(self, count: Callable[[Cut], int], max_tokens: int):
-        self.count, self.max_tokens = count, max_tokens
+    def __init__(self, count: Callable[[Cut], int], max_tokens: int, setting: str | None = None):
+        """`setting`: the config setting that gives `max_tokens`, for the error."""
+        self.count, self.max_tokens, self.setting = count, max_tokens, setting
 
     def __call__(self, cut: Cut) -> ManifestError | None:
         n = self.count(cut)
-        return over_budget(cut, n, self.max_tokens) if n > self.max_tokens else None
+        return over_budget(cut, n, self.max_tokens, self.setting) if n > self.max_tokens else None
 
 
 @dataclass

@@ -62,11 +62,17 @@ _NAMES_BY_KEY = {**{name.lower(): name for name in LANGUAGE_NAMES.values()}, **L
 
 def language_name(language: str | None, text: str) -> str:
     """An utterance's language as the prompts name it: its manifest `language`, a code of
-    LANGUAGE_NAMES or one of its names (any case), else, when empty, inferred from its text.
+    LANGUAGE_NAMES (also with a region: en-US) or one of its names (any case), else, when
+    empty, inferred from its text.
     Raises ValueError for any other language: Qwen3-ASR names no other."""
     if not language:
         return infer_language(text)
-    name = _NAMES_BY_KEY.get(str(language).lower())
+    key = str(language).lower().replace("_", "-")
+    primary, _, region = key.partition("-")  # a region tag (en-US, pt_BR) names its language
+    if primary == "zh" and region in ("hk", "mo"):
+        raise ValueError(f"language {language!r} is ambiguous (Cantonese or Mandarin): give "
+                         f"yue or zh")
+    name = _NAMES_BY_KEY.get(key) or _NAMES_BY_KEY.get(primary)
     if name is None:
         raise ValueError(f"unknown language {language!r}: give one of the codes "
                          f"{', '.join(LANGUAGE_NAMES)} or its English name")

@@ -72,21 +72,23 @@ def write_teacher_manifest(teacher: AudioLM, prompts: PromptBuilder, cuts, total
     progress = _Progress(len(texts), total, writer and ps.get_data_parallel_rank() == 0,
                          ps.get_data_parallel_world_size())
 
-    def on_batch(batch_texts: dict[str, str], seconds: float) -> bool:
-        nonlocal stopped
+    def on_batch(batch_texts: dict[str, str], seconds: float) -> None:
         if shard:
             shard.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
                              for i, t in batch_texts.items())
             shard.flush()
         progress.add(len(batch_texts))
-        # the ranks of a replica decode each batch together: they stop together
-        stopped = stop is not None and any_rank(stop(), ps.get_model_parallel_group())
+
+    def stop_after_batch() -> bool:
+        nonlocal stopped  # the ranks of a replica decode each batch together: they stop together
+        stopped = any_rank(stop(), ps.get_model_parallel_group())
         return stopped
 
     stopped = False
     try:
         texts.update(transcribe(teacher, prompts, CutSet(_Untranscribed(cuts, texts)), blocked,
-                                max_new_tokens, batch_tokens, on_batch))
+                                max_new_tokens, batch_tokens, on_batch,
+                                stop_after_batch if stop is not None else None))
     finally:
         if shard:
             shard.close()

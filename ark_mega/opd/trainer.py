@@ -192,7 +192,7 @@ class Trainer:
         return ManifestStream(manifest, self._load_policy(), subset,
                               on_skip=self._report_skip if self.is_writer else None,
                               tarred_audio=tars,
-                              admit=TokenLimit(self.tokens, cfg.data.max_tokens))
+                              admit=TokenLimit(self.tokens, cfg.data.max_tokens, "data.max_tokens"))
 
     def _report_skip(self, err: ManifestError) -> None:
         print(f"[{self.cfg.name}] skipped {err}", flush=True)
@@ -249,18 +249,7 @@ class Trainer:
             raise ValueError(f"resume is off but {self.ckpt_dir} holds checkpoints (newest "
                              f"{os.path.basename(found)}): remove them or use another output_dir")
         if found:
-            self._check_resume_settings(found)
-            extra = checkpoint.load(found, self.student, self.optimizer, self.scheduler)
-            if cfg.optim.on_resume == "config":
-                # torch's load took the param groups' betas and max_lr / min_lr (which
-                # megatron's schedule reads before its own) from the checkpoint too
-                o = cfg.optim
-                for group in self.optimizer.param_groups:
-                    group.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2))
-                self.scheduler.step(0)
-            step, epoch, consumed = extra["step"], extra["epoch"], extra["consumed"]
-            if self.is_writer:
-                print(f"resumed from {found} at step {step}")
+            step, epoch, consumed = self._resume(found)
         stream = self._train_stream()
         if stream is None:  # USR1 during TD's transcription: its shards keep what is done
             self._mark_preempted(step, "the teacher's transcripts so far")
@@ -335,6 +324,24 @@ class Trainer:
         log.close()
         return result
 
+    def _resume(self, found: str) -> tuple[int, int, int]:
+        """Load checkpoint `found` (model, optimizer, scheduler, RNG) once the settings it was
+        trained with pass `_check_resume_settings`: (step, epoch, sampler batches consumed)."""
+        self._check_resume_settings(found)
+        extra = checkpoint.load(found, self.student, self.optimizer, self.scheduler)
+        if self.cfg.optim.on_resume == "config":
+            # torch's load took the param groups' betas and max_lr / min_lr (which megatron's
+            # schedule reads before its own) from the checkpoint too
+            o = self.cfg.optim
+            for group in self.optimizer.param_groups:
+                group.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2))
+        # megatron's scheduler load steps to the saved step before it reads the saved weight
+        # decay: set the param groups again from the settings now in force
+        self.scheduler.step(0)
+        if self.is_writer:
+            print(f"resumed from {found} at step {extra['step']}")
+        return extra["step"], extra["epoch"], extra["consumed"]
+
     def _check_resume_settings(self, found: str) -> None:
         """Before a resume loads anything: a checkpoint whose LR schedule or Adam betas differ
         from the config's is refused (optim.on_resume=check) or followed, as the setting says."""
@@ -375,9 +382,7 @@ class Trainer:
         """The next batch on every data-parallel rank; a new epoch for all when any runs out
         (its other ranks' batch of that round is dropped, as with drop_last)."""
         batch, consumed = self._pull(loader, consumed)
-        out = torch.tensor([0 if batch is not None else 1], device=self.dev)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        if out.item():
+        if any_rank(batch is None):
             epoch = epoch + 1
             loader = iter(self._loader(cuts, epoch, 0))
             batch, consumed = self._pull(loader, 0)
