@@ -87,7 +87,6 @@ def test_lhotse_cutset_manifest(tmp_path, audio):
     assert len(list(from_shar)) == 1
 
 
-
 def test_lhotse_manifest_records_are_named_by_their_line(tmp_path, audio):
     """A lhotse manifest's bad record names its line (blank lines counted), like the other
     formats; a repeated cut id is an error: ids key token counts and teacher transcripts."""

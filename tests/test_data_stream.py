@@ -65,7 +65,6 @@ def test_workers_drop_undecodable_cuts_and_name_their_line(corpus, tokenizer):  
         strict[silent]
 
 
-
 def test_a_cut_longer_than_the_batch_budget_is_a_named_error_or_a_counted_skip(
         corpus, tokenizer):  # noqa: F811
     count = TokenCounter(PromptBuilder.student(tokenizer))
@@ -134,7 +133,6 @@ def test_training_skips_bad_records_and_stops_past_the_bound(single_rank, tmp_pa
                                          r"data.max_skip_fraction=0.01"):
         run("strict", 0.01)  # the missing file is known once the bucket edges are estimated
     assert not os.path.isdir(tmp_path / "strict" / "checkpoints" / "step_000001")
-
 
 
 def test_training_skips_a_cut_over_the_batch_budget_when_read(single_rank, tmp_path, tok_file,
@@ -250,7 +248,6 @@ def test_a_tarred_subset_keeps_the_records_of_its_indices(tmp_path):
     half = ManifestStream(manifests, LoadPolicy(skip_bad=True), 0.5, tarred_audio=tars)
     kept = [c.id for c in half] + [f"missing:{line}" for _, line in half.read_errors]
     assert len(every) == 10 and kept == [every[i] for i in range(10) if in_subset(i, 0.5)]
-
 
 
 def test_a_tarred_subset_takes_its_share_of_bad_manifest_lines(tmp_path):

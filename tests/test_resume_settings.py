@@ -107,7 +107,6 @@ def test_checkpoint_keeps_the_old_decay(resumed, tmp_path, capsys):
     assert [got[s] for s in range(5, 9)] == [pytest.approx(1e-4)] * 4  # the old decay ended
 
 
-
 @pytest.mark.parametrize("mode,distributed", [("check", False), ("checkpoint", False),
                                               ("config", False), ("check", True),
                                               ("config", True)])
@@ -122,7 +121,6 @@ def test_adam_betas_are_refused_kept_or_replaced_as_the_setting_says(resumed, mo
     t.run()
     want = (0.9, 0.999) if mode == "checkpoint" else (0.9, 0.99)
     assert {tuple(g["betas"]) for g in t.optimizer.param_groups} == {want}
-
 
 
 def test_checkpoint_keeps_its_weight_decay_from_the_first_resumed_step(resumed, monkeypatch):
