@@ -101,6 +101,11 @@ def _sharded(model, optimizer, scheduler, loading: bool) -> dict:
     return sd
 
 
+def _megatron_optimizers(optimizer) -> list:
+    """The megatron optimizers of `optimizer`, chained (one per parameter kind) or not."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _distributed(optimizer) -> bool | None:
     """Whether `optimizer` is megatron's distributed optimizer (None: no optimizer): its state
     is laid out differently, so a checkpoint resumes only with the kind that saved it."""
@@ -108,8 +113,7 @@ def _distributed(optimizer) -> bool | None:
 
     if optimizer is None:
         return None
-    return any(isinstance(opt, DistributedOptimizer)
-               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(isinstance(opt, DistributedOptimizer) for opt in _megatron_optimizers(optimizer))
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:
@@ -118,7 +122,7 @@ def _prepare_optimizer_for_load(optimizer) -> None:
     checkpoint replaces every value it leaves."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _megatron_optimizers(optimizer):
         if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
     _keep_adam_step_on_load()
@@ -131,7 +135,7 @@ ADAM_FORM = ("fused", "foreach", "capturable")
 
 
 def _torch_optimizers(optimizer):
-    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [opt.optimizer for opt in _megatron_optimizers(optimizer)]
 
 
 def _adam_form(optimizer) -> list[list[dict]]:

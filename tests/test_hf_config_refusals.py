@@ -11,6 +11,9 @@ from ark_mega.convert.hf_folder import config_from_hf
 from ark_mega.models import preset
 
 
+LAYOUTS = ["glmasr", "arkasr", "qwen3_asr", "qwen3_asr_thinker"]
+
+
 def configs() -> dict:
     """Each layout's config.json as the exports (and transformers) write it, and the original
     qwen-asr one: `thinker_config`, transformers 4 keys, multimodal RoPE fields."""
@@ -30,7 +33,7 @@ def text_of(hf: dict) -> dict:
     return inner.get("text_config", inner)
 
 
-@pytest.mark.parametrize("layout", ["glmasr", "arkasr", "qwen3_asr", "qwen3_asr_thinker"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_normal_configs_import(layout):
     hf = configs()[layout]
     # Qwen2 configs name a window size even with sliding windows off
@@ -40,7 +43,7 @@ def test_normal_configs_import(layout):
     assert cfg.decoder.rotary_base == (5000000.0 if cfg.family == "qwen3_asr" else 10000.0)
 
 
-@pytest.mark.parametrize("layout", ["glmasr", "arkasr", "qwen3_asr", "qwen3_asr_thinker"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("key,value", [
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
     ("rope_scaling", {"type": "linear", "factor": 2.0}),
@@ -64,18 +67,14 @@ def test_glmasr_encoder_rope_scaling_is_refused():
         config_from_hf(hf)
 
 
-@pytest.mark.parametrize("layout", ["glmasr", "arkasr", "qwen3_asr", "qwen3_asr_thinker"])
-def test_sliding_window_attention_is_refused(layout):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("change,message", [
+    ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 2},
+     "use_sliding_window = true \\(sliding_window 4096\\)"),
+    ({"partial_rotary_factor": 0.25}, "text model partial_rotary_factor = 0.25"),
+], ids=["sliding_window", "partial_rotary"])
+def test_text_attention_our_decoders_do_not_compute_is_refused(layout, change, message):
     hf = configs()[layout]
-    text_of(hf).update(use_sliding_window=True, sliding_window=4096, max_window_layers=2)
-    with pytest.raises(UnsupportedConfig,
-                       match="use_sliding_window = true \\(sliding_window 4096\\)"):
-        config_from_hf(hf)
-
-
-@pytest.mark.parametrize("layout", ["glmasr", "arkasr", "qwen3_asr", "qwen3_asr_thinker"])
-def test_partial_rotary_text_models_are_refused(layout):
-    hf = configs()[layout]
-    text_of(hf)["partial_rotary_factor"] = 0.25
-    with pytest.raises(UnsupportedConfig, match="text model partial_rotary_factor = 0.25"):
+    text_of(hf).update(change)
+    with pytest.raises(UnsupportedConfig, match=message):
         config_from_hf(hf)

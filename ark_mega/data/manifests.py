@@ -322,10 +322,10 @@ def _nemo_cut(checks: AudioChecks, line: int, obj: dict, cut_id: str) -> Cut:
                                     "audio_filepath")
     checks.samples(line, path, info.samplerate, begin, end, "audio_filepath")
     return _make_cut(_file_recording(cut_id, path, info), begin, end, text,
-                     nemo_language(checks, line, obj), checks.manifest, line, "audio_filepath")
+                     _nemo_language(checks, line, obj), checks.manifest, line, "audio_filepath")
 
 
-def nemo_language(checks: AudioChecks, line: int, obj: dict) -> str | None:
+def _nemo_language(checks: AudioChecks, line: int, obj: dict) -> str | None:
     """NeMo manifests name the language `lang` (or `language`)."""
     name = "lang" if obj.get("lang") else "language"
     return checks.language(line, name, obj.get(name))

@@ -26,8 +26,8 @@ import soundfile as sf
 from lhotse import Recording
 from lhotse.cut import Cut
 
-from .manifests import (AudioChecks, LoadPolicy, ManifestError, _make_cut, _records, _seconds,
-                        nemo_language)
+from .manifests import (AudioChecks, LoadPolicy, ManifestError, _make_cut, _nemo_language,
+                        _records, _seconds)
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -121,5 +121,5 @@ def _tarred_cut(checks: AudioChecks, line: int, obj: dict, data: bytes, cut_id: 
     begin, end = checks.segment(line, cut_id, duration, begin, end, ("offset", "duration"),
                                 "audio_filepath")
     recording = Recording.from_bytes(data, recording_id=cut_id)
-    return _make_cut(recording, begin, end, text, nemo_language(checks, line, obj),
+    return _make_cut(recording, begin, end, text, _nemo_language(checks, line, obj),
                      checks.manifest, line, "audio_filepath")
