@@ -235,6 +235,32 @@ def test_a_member_listed_twice_gives_a_cut_per_segment(tmp_path):
     assert len({c.id for c in cuts}) == 3
 
 
+def test_a_member_that_is_a_link_or_a_folder_is_named_not_lost(tmp_path):
+    import tarfile
+
+    manifests, tars = nemo_tarred_set(tmp_path, shards=1, per_shard=2)
+    path = tmp_path / "manifest_0.json"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    with tarfile.open(tmp_path / "audio_0.tar", "a") as tar:
+        link = tarfile.TarInfo("link.ogg")
+        link.type, link.linkname = tarfile.SYMTYPE, rows[0]["audio_filepath"]
+        folder = tarfile.TarInfo("folder.ogg")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(link)
+        tar.addfile(folder)
+    rows += [dict(rows[0], audio_filepath="link.ogg"), dict(rows[0], audio_filepath="folder.ogg")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    stream = ManifestStream(manifests, LoadPolicy(skip_bad=True), tarred_audio=tars)
+    assert len(list(stream)) == 2 and stream.records_read == 4
+    errors = {line: err for (_, line), err in stream.read_errors.items()}
+    assert sorted(errors) == [3, 4] and {e.kind for e in errors.values()} == {"audio_unreadable"}
+    target = rows[0]["audio_filepath"]
+    assert f"link.ogg in {tmp_path / 'audio_0.tar'} is a link to {target}, not a file" in str(errors[3])
+    assert "folder.ogg" in str(errors[4]) and "is a folder, not a file" in str(errors[4])
+    with pytest.raises(ManifestError, match=r"manifest_0.json:3: field 'audio_filepath': link.ogg"):
+        list(ManifestStream(manifests, LoadPolicy(), tarred_audio=tars))
+
+
 def test_a_tarred_subset_keeps_the_records_of_its_indices(tmp_path):
     """`data.subset` numbers a tarred set's records in tar order, members listed twice and
     members missing from the tar included, as for any manifest."""

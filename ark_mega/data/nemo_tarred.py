@@ -10,8 +10,9 @@ manifest lines first, then its records in tar order.
 
 Bad input follows the other formats: a bad manifest record or unreadable audio is a
 `ManifestError` naming the manifest, line and field; a manifest entry with no member in its tar
-is `audio_missing`; a member the manifest does not list is ignored (NeMo does the same); a
-member listed several times (segments by `offset` / `duration`) gives a cut per record.
+is `audio_missing`, one whose member is a link or a folder `audio_unreadable`; a member the
+manifest does not list is ignored (NeMo does the same); a member listed several times (segments
+by `offset` / `duration`) gives a cut per record.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
         with tarfile.open(tar, "r|*") as stream:
             for member in stream:
                 records = entries.pop(member.name, None)
-                if records is None or not member.isfile():
+                if records is None:
                     continue
                 kept = []
                 for n, record in enumerate(records):
@@ -92,6 +93,12 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                     if keep is None or keep(index - 1):
                         kept.append((n, *record))
                 if not kept:  # the stream skips the member's bytes unread
+                    continue
+                if not member.isfile():  # a link or folder of that name: no audio to read
+                    for _, line, _ in kept:
+                        yield line, checks.error(line, "audio_filepath", f"{member.name} in {tar} "
+                                                 f"is {_member_kind(member)}, not a file",
+                                                 "audio_unreadable")
                     continue
                 data = stream.extractfile(member).read()
                 for n, line, obj in kept:
@@ -106,6 +113,12 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                 if keep is None or keep(index - 1):
                     yield line, checks.error(line, "audio_filepath", f"{name} is not in {tar}",
                                              "audio_missing")
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym() or member.islnk():
+        return f"a link to {member.linkname}"
+    return "a folder" if member.isdir() else "a special file"
 
 
 def _tarred_cut(checks: AudioChecks, line: int, obj: dict, data: bytes, cut_id: str) -> Cut:
