@@ -37,6 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the runs and check_trainer.json")
     ap.add_argument("--opd-steps", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=24, help="rollout length in OPD")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.chdir(ROOT)  # the demo manifests name their audio relative to the repository
@@ -65,7 +66,7 @@ def main() -> int:
                 "student": student, "dtype": "bf16", "optim": {"lr": 1e-3, "distributed": True},
                 "data": {"max_tokens": 2500, "num_workers": 0, "subset": 0.1},
                 "save_every": 2, "log_every": 1,
-                "opd": {"top_k": 8, "generation": {"max_new_tokens": 24}}, **extra}
+                "opd": {"top_k": 8, "generation": {"max_new_tokens": args.max_new_tokens}}, **extra}
         if teacher:
             tree["teacher"] = teacher
         overrides = [f"{k}={json.dumps(v)}" for k, v in tree.items()]

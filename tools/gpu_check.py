@@ -62,8 +62,8 @@ class Part:
                     os.path.join(ROOT, "tests", "test_kernels.py"),
                     os.path.join(ROOT, "tests", "test_attention.py"),
                     os.path.join(ROOT, "tests", "test_decode_step.py")]
-        if self.name == "trainer":  # the smoke's OPD steps run interpreted kernels: one is enough
-            steps = ["--opd-steps", "1"] if smoke else []
+        if self.name == "trainer":  # the smoke's OPD runs interpreted kernels: one short step
+            steps = ["--opd-steps", "1", "--max-new-tokens", "6"] if smoke else []
             return [py, os.path.join(TOOLS, "check_trainer.py"),
                     "--out", os.path.join(out, "trainer"), *steps]
         if self.name.startswith("real_"):
