@@ -11,7 +11,7 @@ from ark_mega.kernels.decode_attention import decode_attention
 from ark_mega.kernels.rope import rope_tables
 from ark_mega.kernels.swiglu_linear import swiglu_linear
 from ark_mega.models import decode_step
-from ark_mega.models.decode_step import KEPT_STEPS, DecodeStep
+from ark_mega.models.decode_step import KEPT_STEPS, DecodeKernels, DecodeStep
 from ark_mega.opd.generate import generate
 from opd_setup import batch, model, tokenizer
 
@@ -186,7 +186,8 @@ def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank, monkeypatch)
 
 def test_local_swiglu_layers_decode_through_the_fused_mlp(single_rank, monkeypatch):
     """Every decoding step of a local-layer student runs each layer's MLP through
-    `swiglu_linear` (a condition that never held would leave the kernel unused on a GPU)."""
+    `swiglu_linear` (a condition that never held would leave the kernel unused on a GPU);
+    with `fused_mlp` off, none does."""
     sp = PromptBuilder.student(tokenizer())
     m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
     calls = []
@@ -197,11 +198,43 @@ def test_local_swiglu_layers_decode_through_the_fused_mlp(single_rank, monkeypat
 
     monkeypatch.setattr(decode_step, "swiglu_linear", counted)
     feats = [f.to(DEV) for f in batch(sp, n=2).audio_features]
-    out = generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
-                   GenerationConfig(max_new_tokens=4, top_k=4))
+
+    def rollout(kernels):
+        return generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
+                        GenerationConfig(max_new_tokens=4, top_k=4), kernels=kernels)
+
+    out = rollout(DecodeKernels())
     layers = m.gpt.decoder.layers
     assert len(calls) == len(layers) * (out.steps - 1) > 0
     assert calls[0] == layers[0].mlp.linear_fc1.weight.shape
+    calls.clear()
+    rollout(DecodeKernels(fused_mlp=False))
+    assert calls == []
+
+
+def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, monkeypatch):
+    """The attention over the cache in one part and in three merged ones, the MLP fused and as
+    its own modules (`tools/bench_decode.py` times each): the same tokens and top-k ids, each
+    choice with a step of its own. In a model on the CPU the attention runs the reference
+    whatever its splits (the kernel's are checked above), so there this checks that the choice
+    reaches it."""
+    sp = PromptBuilder.student(tokenizer())
+    m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
+    splits = []
+    monkeypatch.setattr(decode_step, "decode_attention", lambda *a, **k: splits.append(
+        k["splits"]) or decode_attention(*a, **k))
+    feats = [f.to(DEV) for f in batch(sp, n=3).audio_features]
+    choices = [DecodeKernels(attention_splits=1), DecodeKernels(attention_splits=3),
+               DecodeKernels(fused_mlp=False)]
+    outs = [generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
+                     GenerationConfig(max_new_tokens=6, top_k=4), kernels=kernels)
+            for kernels in choices]
+    assert all(out.steps == 6 for out in outs)  # steps of the decoding step were compared
+    for out in outs[1:]:
+        assert out.tokens == outs[0].tokens
+        assert all(torch.equal(a, b) for a, b in zip(out.topk_ids, outs[0].topk_ids))
+    assert set(splits) == {1, 3, None}
+    assert [shape[-1] for shape in m.decode_steps] == choices
 
 
 def test_decode_attention_refuses_tables_or_bias_that_do_not_fit_the_cache():

@@ -39,7 +39,10 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     assert bench["losses_agree"] is True
     assert bench["shared_rollout_loss_ours"] == pytest.approx(bench["shared_rollout_loss_baseline"],
                                                               rel=1e-4)
-    assert parts["decode"]["figures"]["decode_tokens_per_s"] > 0
+    decode = parts["decode"]["figures"]
+    assert decode["decode_tokens_per_s"] > 0
+    assert set(decode["variants_ms_per_step"]) == {"one_split_attention", "cublas_mlp"}
+    assert all(ms > 0 for ms in decode["variants_ms_per_step"].values())
     # the decoding step's own ops, apart from the prefill: per step, each decoder layer's four
     # projections (QKV with its bias in the matmul) and the output layer
     profile = (tmp_path / "decode.profile.txt").read_text()

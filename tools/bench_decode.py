@@ -11,11 +11,12 @@ token is blocked so that every row decodes all its tokens. Reported: prefill tim
 prompt, first token); decode tokens/s of the steady steps (after the first two) and their
 fraction of the floor; tokens/s over all the steps after the prefill
 (`rollout_decode_tokens_per_s`); on a GPU with the decoding step replayed as a CUDA graph (the
-default) and, as the same run's baseline, without. The model keeps its decoding step, graph
-included, for later rollouts of the same batch size and cache length: only the first rollout of
-a shape warms the graph up eagerly and captures it (`first_rollout_extra_s`: what it took more
-than a later one, with the kernels' first compilation). Should the graph's capture fail, the run
-reports its error and the eager figures. With --profile: where a whole rollout's time goes,
+default) and, as the same run's baseline, without; the decoding step with each alternative to
+its default kernels (`DecodeKernels`), timed as the default is (`variants_ms_per_step`). The
+model keeps its decoding step, graph included, for later rollouts of the same batch size and
+cache length: only the first rollout of a shape warms the graph up eagerly and captures it
+(`first_rollout_extra_s`: what it took more than a later one, with the kernels' first
+compilation). Should the graph's capture fail, the run reports its error and the eager figures. With --profile: where a whole rollout's time goes,
 then each kernel's calls and time per steady step (a rollout's kernels less those of a 3-token
 one, per extra step).
 """
@@ -55,6 +56,7 @@ def main() -> int:
 
     from ark_mega.config import GenerationConfig
     from ark_mega.distributed import ParallelConfig, init_parallel
+    from ark_mega.models.decode_step import DecodeKernels
     from ark_mega.opd.generate import generate
     from ark_mega.transcribe import blocked_ids
 
@@ -69,22 +71,24 @@ def main() -> int:
     blocked = blocked_ids(prompts, model.cfg.decoder.vocab_size).to(dev)
     blocked[prompts.stop_id] = True
 
-    def run(new_tokens: int, cuda_graph: bool = True) -> tuple[float, bool]:
+    def run(new_tokens: int, cuda_graph: bool = True, kernels=DecodeKernels()
+            ) -> tuple[float, bool]:
         """Seconds of one rollout, and whether its steps replayed a CUDA graph."""
         sync(dev)
         t0 = time.perf_counter()
         out = generate(model, ids, feats, prompts.stop_id,
                        GenerationConfig(max_new_tokens=new_tokens, top_k=8,
-                                        cuda_graph=cuda_graph), blocked)
+                                        cuda_graph=cuda_graph), blocked, kernels=kernels)
         sync(dev)
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
         return time.perf_counter() - t0, out.cuda_graph
 
-    def decode_tokens_per_s(cuda_graph: bool) -> tuple[float, float, bool, float]:
+    def decode_tokens_per_s(cuda_graph: bool, kernels=DecodeKernels()
+                            ) -> tuple[float, float, bool, float]:
         """Tokens/s of the steps after the first two, and of all the steps after the prefill
         (rollouts of shapes decoded before: with a graph, replays from their first step)."""
-        seconds, graphed = run(args.new_tokens, cuda_graph)
-        setup, _ = run(3, cuda_graph)
+        seconds, graphed = run(args.new_tokens, cuda_graph, kernels)
+        setup, _ = run(3, cuda_graph, kernels)
         steady = args.batch * (args.new_tokens - 3) / max(seconds - setup, 1e-9)
         rollout = args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9)
         return steady, rollout, graphed, seconds
@@ -103,6 +107,14 @@ def main() -> int:
     tokens_per_s, rollout_tokens_per_s, cuda_graph, rollout_s = decode_tokens_per_s(
         graph_error is None)
     eager = decode_tokens_per_s(False)[0] if dev.type == "cuda" else None
+    variant_ms = {}
+    # the decoding step's alternatives to its default kernels: what ran before each rewrite
+    variants = {"one_split_attention": DecodeKernels(attention_splits=1),
+                "cublas_mlp": DecodeKernels(fused_mlp=False)}
+    for name, kernels in variants.items():
+        run(args.new_tokens, graph_error is None, kernels)  # its first rollout: a new step
+        steady = decode_tokens_per_s(graph_error is None, kernels)[0]
+        variant_ms[name] = round(1e3 * args.batch / steady, 4)
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
     floor = args.batch * bandwidth / weights
@@ -117,7 +129,7 @@ def main() -> int:
         "rollout_decode_tokens_per_s": rollout_tokens_per_s,
         "first_rollout_extra_s": first_s - rollout_s,
         "cuda_graph": cuda_graph, "graph_error": graph_error,
-        "eager_decode_tokens_per_s": eager,
+        "eager_decode_tokens_per_s": eager, "variants_ms_per_step": variant_ms,
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
         "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
     }

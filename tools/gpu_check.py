@@ -115,7 +115,7 @@ SHOWN = {
     "real_qwen3": ("layers", "dtype", "tokens", "fwd_bwd_s", "peak_gib", "grads_finite"),
     "decode": ("prefill_s", "decode_ms_per_step", "decode_tokens_per_s", "floor_tokens_per_s",
                "fraction_of_floor", "rollout_decode_tokens_per_s", "first_rollout_extra_s",
-               "cuda_graph", "eager_decode_tokens_per_s", "copy_gbps"),
+               "cuda_graph", "eager_decode_tokens_per_s", "variants_ms_per_step", "copy_gbps"),
     "sft": ("step_ms", "tokens_per_s", "achieved_tflops", "matmul_peak_tflops", "mfu", "peak_gib"),
 }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,19 @@ KEPT_STEPS = 4
 KEPT_CACHE_BYTES = 4 * 2**30
 
 
+@dataclass(frozen=True)
+class DecodeKernels:
+    """The step's choices between two ways of computing the same thing. The defaults are what
+    rollouts run; `tools/bench_decode.py` times each alternative in the same run."""
+
+    # the attention's splits of each row's cache (`decode_attention`'s `splits`): None for
+    # enough programs per SM (flash-decoding), 1 for one program per row and key group
+    attention_splits: int | None = None
+    # a local SwiGLU MLP's first projection and activation in one Triton launch; False: the
+    # MLP's own modules (cuBLAS, then SwiGLU)
+    fused_mlp: bool = True
+
+
 class DecodeStep:
     """Steps after the prefill, for rollouts of one batch size and cache length. `start` (called
     at construction) takes a rollout's prefilled cache from `context`, megatron's
@@ -61,7 +75,7 @@ class DecodeStep:
     boolean indexing, which waits for the GPU."""
 
     def __init__(self, model, context, key_padded: torch.Tensor, position: int,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, kernels: DecodeKernels = DecodeKernels()):
         gpt = model.gpt
         # weak: the model keeps its steps (`for_rollout`), and a cycle would hold their caches
         # and graphs until the garbage collector's next full pass
@@ -87,29 +101,31 @@ class DecodeStep:
         self.position = torch.empty(1, dtype=torch.long, device=device)
         self.input = torch.zeros(1, b, self.config.hidden_size, device=device, dtype=dtype)
         self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.kernels = kernels
         self.graph = self.output = None
         self.calls = 0
         self.start(context, key_padded, position)
 
     @classmethod
     def for_rollout(cls, model, context, key_padded: torch.Tensor, position: int,
-                    cuda_graph: bool = False) -> "DecodeStep":
-        """The model's step for this rollout's batch size and cache length, started on its
-        prefill: the one an earlier rollout made (with its graph), else a new one, made after
+                    cuda_graph: bool = False, kernels: DecodeKernels = DecodeKernels()
+                    ) -> "DecodeStep":
+        """The model's step for this rollout's batch size, cache length and kernels, started on
+        its prefill: the one an earlier rollout made (with its graph), else a new one, made after
         the least recently used steps past KEPT_STEPS and KEPT_CACHE_BYTES are dropped."""
         kept = model.__dict__.setdefault("decode_steps", {})  # not a module: no state_dict
-        shape = (tuple(key_padded.shape), key_padded.device, cuda_graph)
-        step = kept.pop(shape, None)
+        key = (tuple(key_padded.shape), key_padded.device, cuda_graph, kernels)
+        step = kept.pop(key, None)
         if step is None:
             size = sum(t.nbytes for kv in context.key_value_memory_dict.values() for t in kv)
             while kept and (len(kept) >= KEPT_STEPS
                             or sum(s.cache_bytes for s in kept.values()) + size
                             > KEPT_CACHE_BYTES):
                 kept.pop(next(iter(kept)))
-            step = cls(model, context, key_padded, position, cuda_graph)
+            step = cls(model, context, key_padded, position, cuda_graph, kernels)
         else:
             step.start(context, key_padded, position)
-        kept[shape] = step
+        kept[key] = step
         return step
 
     @staticmethod
@@ -193,7 +209,8 @@ class DecodeStep:
         query, key, value = self._qkv(attention, normed)
         context = decode_attention(query, key, value, self.cos, self.sin, self.position, *cache,
                                    self.padding, self.config.softmax_scale,
-                                   impl=compiled_only(normed))
+                                   impl=compiled_only(normed),
+                                   splits=self.kernels.attention_splits)
         out, bias = attention.linear_proj(context)
         hidden, normed = add_and_norm(hidden, out if bias is None else out + bias,
                                       layer.pre_mlp_layernorm)
@@ -204,8 +221,9 @@ class DecodeStep:
         """The layer's MLP; a local SwiGLU one's first projection and activation in one launch
         (`ark_mega.kernels.swiglu_linear`), its output projection as the layer's own."""
         fc1, cfg = getattr(mlp, "linear_fc1", None), self.config
-        if (isinstance(fc1, ColumnParallelLinear) and fc1.bias is None and not fc1.gather_output
-                and fc1.weight.dtype == normed.dtype and cfg.gated_linear_unit
+        if (self.kernels.fused_mlp and isinstance(fc1, ColumnParallelLinear) and fc1.bias is None
+                and not fc1.gather_output and fc1.weight.dtype == normed.dtype
+                and cfg.gated_linear_unit
                 and mlp.activation_func is F.silu and not cfg.use_te_activation_func
                 and cfg.activation_func_clamp_value is None and cfg.glu_linear_offset == 0
                 and not cfg.fp8):

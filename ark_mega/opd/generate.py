@@ -25,7 +25,7 @@ from ..distributed import vocab_shard
 from ..kernels import teacher_topk
 from ..kernels.teacher_topk import vocab_topk
 from ..models.audio_lm import AudioLM
-from ..models.decode_step import DecodeStep
+from ..models.decode_step import DecodeKernels, DecodeStep
 
 # cache lengths are rounded up to a multiple of this, so that rollouts of similar prompt widths
 # share a decoding step and its CUDA graph; the steps never read past their own position
@@ -105,9 +105,10 @@ def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationCon
 @torch.no_grad()
 def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torch.Tensor] | None,
              stop_id: int, cfg: GenerationConfig, blocked: torch.Tensor | None = None,
-             pad_id: int = 0) -> Rollout:
+             pad_id: int = 0, kernels: DecodeKernels = DecodeKernels()) -> Rollout:
     """Generate up to `cfg.max_new_tokens` after each prompt. Every rank of the model's
-    pipeline calls this with the same prompts; `blocked` is a bool [V] of ids never generated."""
+    pipeline calls this with the same prompts; `blocked` is a bool [V] of ids never generated;
+    `kernels`: the decoding step's (benchmarks compare them)."""
     if cfg.top_k is None:
         raise ValueError("GenerationConfig.top_k is unset (a run config sets it to opd.top_k)")
     if not prompts or not all(prompts):
@@ -115,12 +116,12 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id)
+        return _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id, kernels)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id) -> Rollout:
+def _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id, kernels) -> Rollout:
     device = next(model.parameters()).device
     b, width = len(prompts), max(len(p) for p in prompts)
     max_len = cache_length(width, cfg.max_new_tokens)
@@ -159,7 +160,8 @@ def _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id) -> 
         if steps == cfg.max_new_tokens or (steps % check_every == 0 and bool(done.all())):
             break
         if decode is None:
-            decode = DecodeStep.for_rollout(model, context, is_pad, width, cfg.cuda_graph)
+            decode = DecodeStep.for_rollout(model, context, is_pad, width, cfg.cuda_graph,
+                                            kernels)
         logits = _decode_stage(decode, torch.where(done, pad_id, nxt), hidden_size, dtype)
     tokens, stopped = _until_stop(torch.stack(picked, 1).tolist(), stop_id)
     topk = None
