@@ -10,6 +10,7 @@ the global top-k.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -103,6 +104,28 @@ def _top_of(vals, ids, k):
     return top, ids.gather(1, pick)
 
 
+def _chunked_topk(logits: torch.Tensor, k: int, chunk: int):
+    """torch.topk over a few long rows selects with one thread block per row (64 rows of a
+    151,936-id vocabulary on 132 SMs); over many short rows every SM takes part. Chunks of
+    `chunk` ids, or of the nearest size that divides the row (2,374 for 151,936 and 2,048),
+    else padded with -inf."""
+    n, v = logits.shape
+    chunk = _chunk_size(v, chunk, k)
+    if v % chunk:  # the padding's ids are never among a row's top k while k of its ids are unblocked
+        logits = torch.nn.functional.pad(logits, (0, -v % chunk), value=float("-inf"))
+    vals, ids = logits.view(n, -1, chunk).topk(k, dim=-1)  # [N, chunks, k]
+    ids = ids + torch.arange(0, logits.shape[1], chunk, device=ids.device)[:, None]
+    return _top_of(vals.flatten(1), ids.flatten(1), k)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_size(v: int, chunk: int, k: int) -> int:
+    """A divisor of `v` between half and twice `chunk`, the nearest, else `chunk`; at least k."""
+    chunk = min(max(chunk, k), v)
+    exact = [c for c in range(max(k, chunk // 2), min(v, 2 * chunk) + 1) if v % c == 0]
+    return min(exact, key=lambda c: abs(c - chunk)) if exact else chunk
+
+
 def _top_across(vals, ids, k, group):
     """The top k (values, global ids) over every rank's k candidates [N, k] in `group`."""
     size = dist.get_world_size(group)
@@ -161,11 +184,13 @@ def teacher_topk(k: int, student_ids: torch.Tensor, logits: torch.Tensor | None 
 
 
 def vocab_topk(k: int, logits: torch.Tensor, vocab_start: int = 0, tp_group=None,
-               blocked: torch.Tensor | None = None) -> torch.Tensor:
+               blocked: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Global ids [N, k] of the k largest of vocab-parallel `logits` [N, V_local] (the shard
     starts at `vocab_start`; `blocked`: bool [V_local], ids never taken), best first: what a
-    greedy decoding step needs, without the log-probabilities (no logsumexp pass)."""
-    vals, ids = _without(logits, blocked).topk(k, dim=-1)
+    greedy decoding step needs, without the log-probabilities (no logsumexp pass). `chunk`:
+    the top k of every `chunk` ids first, then the row's among those."""
+    logits = _without(logits, blocked)
+    vals, ids = logits.topk(k, dim=-1) if chunk is None else _chunked_topk(logits, k, chunk)
     ids = ids + vocab_start
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         ids = _top_across(vals, ids, k, tp_group)[1]

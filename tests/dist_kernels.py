@@ -77,13 +77,15 @@ def main() -> int:
                   (one.logprobs_at_student - two.logprobs_at_student).abs().max().item())
         results[name] = err if same_ids else float("inf")
 
-    # greedy decoding's top-k ids (blocked ids never taken): the shards' merge is the whole's
+    # greedy decoding's top-k ids (blocked ids never taken): the shards' merge is the whole's,
+    # each shard's selection in one pass or in chunks
     blocked = torch.zeros(V, dtype=torch.bool)
     blocked[::5] = True
     whole = (vocab_topk(K, logits, blocked=blocked), logits.masked_fill(blocked, float("-inf")))
-    two = vocab_topk(K, logits[:, start:start + v_local], start, group,
-                     blocked[start:start + v_local])
-    same = torch.equal(whole[0], two) and torch.equal(whole[0], whole[1].topk(K).indices)
+    two, two_chunked = (vocab_topk(K, logits[:, start:start + v_local], start, group,
+                                   blocked[start:start + v_local], chunk) for chunk in (None, 16))
+    same = (torch.equal(whole[0], two) and torch.equal(whole[0], two_chunked)
+            and torch.equal(whole[0], whole[1].topk(K).indices))
     results["vocab_topk"] = 0.0 if same else float("inf")
 
     ok = all(e <= 1e-5 for e in results.values())

@@ -214,8 +214,8 @@ def test_local_swiglu_layers_decode_through_the_fused_mlp(single_rank, monkeypat
 
 def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, monkeypatch):
     """The attention over the cache in one part and in three merged ones, the MLP fused and as
-    its own modules (`tools/bench_decode.py` times each): the same tokens and top-k ids, each
-    choice with a step of its own. In a model on the CPU the attention runs the reference
+    its own modules, the pick in one selection and in chunks (`tools/bench_decode.py` times
+    each): the same tokens and top-k ids, each choice with a step of its own. In a model on the CPU the attention runs the reference
     whatever its splits (the kernel's are checked above), so there this checks that the choice
     reaches it."""
     sp = PromptBuilder.student(tokenizer())
@@ -225,7 +225,7 @@ def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, 
         k["splits"]) or decode_attention(*a, **k))
     feats = [f.to(DEV) for f in batch(sp, n=3).audio_features]
     choices = [DecodeKernels(attention_splits=1), DecodeKernels(attention_splits=3),
-               DecodeKernels(fused_mlp=False)]
+               DecodeKernels(fused_mlp=False), DecodeKernels(pick_chunk=32)]
     outs = [generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
                      GenerationConfig(max_new_tokens=6, top_k=4), kernels=kernels)
             for kernels in choices]

@@ -41,7 +41,8 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
                                                               rel=1e-4)
     decode = parts["decode"]["figures"]
     assert decode["decode_tokens_per_s"] > 0
-    assert set(decode["variants_ms_per_step"]) == {"one_split_attention", "cublas_mlp"}
+    assert set(decode["variants_ms_per_step"]) == {"one_split_attention", "cublas_mlp",
+                                                 "chunked_pick"}
     assert all(ms > 0 for ms in decode["variants_ms_per_step"].values())
     # the decoding step's own ops, apart from the prefill: per step, each decoder layer's four
     # projections (QKV with its bias in the matmul) and the output layer

@@ -13,7 +13,7 @@ from ark_mega.kernels import sparse_lm_head, teacher_topk, union_kl, union_suppo
 from ark_mega.kernels.add_rms_norm import add_rms_norm
 from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
 from ark_mega.kernels.sparse_lm_head import sparse_logits_reference
-from ark_mega.kernels.teacher_topk import teacher_topk_reference
+from ark_mega.kernels.teacher_topk import teacher_topk_reference, vocab_topk
 from ark_mega.kernels.union_kl import union_kl_reference
 
 V = 300
@@ -320,6 +320,19 @@ def test_teacher_topk_with_blocked_leading_block_and_chunk():
         assert torch.isfinite(got.logprobs).all() and torch.isfinite(got.logprobs_at_student).all()
         assert torch.equal(got.ids, ref.ids)
         assert rel(got.logprobs_at_student, ref.logprobs_at_student) < 1e-5
+
+
+@pytest.mark.parametrize("v,chunk", [(1500, 100), (1500, 64), (1499, 64), (40, 1000)])
+def test_vocab_topk_in_chunks_equals_one_selection(v, chunk):
+    """The top k of each chunk, then of those: the same ids in the same order as one selection
+    over the row, with blocked ids and the shard's offset; chunks that divide the row (100, or
+    60 for 64), the last one padded (1,499 ids is prime), one chunk larger than the row."""
+    gen = torch.Generator().manual_seed(v + chunk)
+    logits = torch.randn(5, v, generator=gen)
+    blocked = torch.rand(v, generator=gen) < 0.3
+    whole = vocab_topk(8, logits, 1000, blocked=blocked)
+    assert torch.equal(vocab_topk(8, logits, 1000, blocked=blocked, chunk=chunk), whole)
+    assert not blocked[whole - 1000].any()
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

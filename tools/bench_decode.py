@@ -108,9 +108,11 @@ def main() -> int:
         graph_error is None)
     eager = decode_tokens_per_s(False)[0] if dev.type == "cuda" else None
     variant_ms = {}
-    # the decoding step's alternatives to its default kernels: what ran before each rewrite
+    # alternatives to the default kernels: what ran before each rewrite since run 8, and the
+    # greedy pick in chunks of ~2,048 ids
     variants = {"one_split_attention": DecodeKernels(attention_splits=1),
-                "cublas_mlp": DecodeKernels(fused_mlp=False)}
+                "cublas_mlp": DecodeKernels(fused_mlp=False),
+                "chunked_pick": DecodeKernels(pick_chunk=2048)}
     for name, kernels in variants.items():
         run(args.new_tokens, graph_error is None, kernels)  # its first rollout: a new step
         steady = decode_tokens_per_s(graph_error is None, kernels)[0]

@@ -46,7 +46,7 @@ KEPT_CACHE_BYTES = 4 * 2**30
 
 @dataclass(frozen=True)
 class DecodeKernels:
-    """The step's choices between two ways of computing the same thing. The defaults are what
+    """A rollout's choices between two ways of computing the same thing. The defaults are what
     rollouts run; `tools/bench_decode.py` times each alternative in the same run."""
 
     # the attention's splits of each row's cache (`decode_attention`'s `splits`): None for
@@ -55,6 +55,9 @@ class DecodeKernels:
     # a local SwiGLU MLP's first projection and activation in one Triton launch; False: the
     # MLP's own modules (cuBLAS, then SwiGLU)
     fused_mlp: bool = True
+    # the greedy pick's top k after the step (`vocab_topk`'s `chunk`, in `generate`): None for
+    # one selection over each row's vocabulary, N for each N ids' top k first
+    pick_chunk: int | None = None
 
 
 class DecodeStep:

@@ -81,12 +81,13 @@ def _decode_stage(decode: DecodeStep, step_ids: torch.Tensor, hidden_size: int, 
 
 
 def _pick(logits: torch.Tensor, blocked: torch.Tensor | None, cfg: GenerationConfig,
-          gen: torch.Generator):
-    """Next tokens [b] and the top-k ids [b, k] from this rank's vocabulary shard [b, V/tp]."""
+          gen: torch.Generator, chunk: int | None = None):
+    """Next tokens [b] and the top-k ids [b, k] from this rank's vocabulary shard [b, V/tp]
+    (greedy: `chunk` as `vocab_topk`'s)."""
     shard = vocab_shard(logits.shape[-1])
     blocked = None if blocked is None else shard.local(blocked)
     if cfg.greedy:  # contiguous: the tokens are broadcast to the other pipeline stages
-        ids = vocab_topk(cfg.top_k, logits, shard.start, shard.group, blocked)
+        ids = vocab_topk(cfg.top_k, logits, shard.start, shard.group, blocked, chunk)
         return ids[:, 0].contiguous(), ids
     empty = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     top = teacher_topk(cfg.top_k, empty, logits=logits.float(), vocab_start=shard.start,
@@ -151,7 +152,7 @@ def _generate(model, prompts, audio_features, stop_id, cfg, blocked, pad_id, ker
     for steps in range(1, cfg.max_new_tokens + 1):
         nxt = torch.empty(b, dtype=torch.long, device=device)
         if last:
-            nxt, top = _pick(logits, blocked, cfg, gen)
+            nxt, top = _pick(logits, blocked, cfg, gen, kernels.pick_chunk)
             step_topk.append(top)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=pp_last_rank, group=ps.get_pipeline_model_parallel_group())
