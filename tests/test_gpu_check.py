@@ -3,12 +3,14 @@ and parts on tiny shapes on the CPU."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ark_mega.models import preset
+from conftest import load_tool
 from opd_setup import ROOT
 
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
@@ -43,7 +45,7 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     assert decode["decode_tokens_per_s"] > 0
     assert set(decode["variants_ms_per_step"]) == {"one_split_attention", "cublas_mlp",
                                                  "chunked_pick"}
-    assert all(ms > 0 for ms in decode["variants_ms_per_step"].values())
+    assert all(isinstance(ms, float) for ms in decode["variants_ms_per_step"].values())
     # the decoding step's own ops, apart from the prefill: per step, each decoder layer's four
     # projections (QKV with its bias in the matmul) and the output layer
     profile = (tmp_path / "decode.profile.txt").read_text()
@@ -56,6 +58,7 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     assert {"torch", "triton", "megatron-core", "transformer-engine"} <= set(report["versions"])
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} | ok |" in table for name in parts)
+    assert re.search(r"variants_ms_per_step \(one_split_attention [\d.e-]+, cublas_mlp ", table)
 
 
 def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
@@ -77,6 +80,26 @@ def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
     assert "trainer broke" in parts["trainer"]["error"]
     assert parts["real_ark"]["status"] == "ok"
     assert "| trainer | failed (exit 1) |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_decoding_variant_that_fails_is_recorded_and_the_others_still_run(
+        single_rank, tmp_path, monkeypatch):
+    from ark_mega.kernels.teacher_topk import vocab_topk
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    bench = load_tool("bench_decode")
+    def chunked_fails(*args, **kwargs):
+        if args[-1] is not None:  # the chunk
+            raise RuntimeError("no chunks here")
+        return vocab_topk(*args, **kwargs)
+
+    monkeypatch.setattr("ark_mega.opd.generate.vocab_topk", chunked_fails)
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--smoke", "--out",
+                                      str(tmp_path / "decode.json")])
+    assert bench.main() == 0
+    timed = json.loads((tmp_path / "decode.json").read_text())["variants_ms_per_step"]
+    assert timed["chunked_pick"] == "failed: RuntimeError: no chunks here"
+    assert all(isinstance(timed[name], float) for name in ("one_split_attention", "cublas_mlp"))
 
 
 def test_unknown_parts_are_named():

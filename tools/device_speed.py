@@ -146,6 +146,10 @@ def report(result: dict, out: str | None) -> None:
     width = max(map(len, result))
     for key, val in result.items():
         print(f"{key:>{width}}: {val}", flush=True)
+    write_json(result, out)
+
+
+def write_json(result: dict, out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)

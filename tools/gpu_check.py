@@ -196,6 +196,8 @@ def targets_of(part: Part, figures: dict, smoke: bool) -> list[str]:
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) + ")"
     return str(value)
 
 
