@@ -111,11 +111,14 @@ def _chunked_topk(logits: torch.Tensor, k: int, chunk: int):
     else padded with -inf."""
     n, v = logits.shape
     chunk = _chunk_size(v, chunk, k)
-    if v % chunk:  # the padding's ids are never among a row's top k while k of its ids are unblocked
+    if v % chunk:
         logits = torch.nn.functional.pad(logits, (0, -v % chunk), value=float("-inf"))
     vals, ids = logits.view(n, -1, chunk).topk(k, dim=-1)  # [N, chunks, k]
     ids = ids + torch.arange(0, logits.shape[1], chunk, device=ids.device)[:, None]
-    return _top_of(vals.flatten(1), ids.flatten(1), k)
+    vals, ids = _top_of(vals.flatten(1), ids.flatten(1), k)
+    # a row with fewer than k unblocked ids may take the padding's -inf over a blocked id's:
+    # an id of the row all the same, as one selection's would be
+    return vals, ids.clamp_(max=v - 1) if v % chunk else ids
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,7 +191,8 @@ def vocab_topk(k: int, logits: torch.Tensor, vocab_start: int = 0, tp_group=None
     """Global ids [N, k] of the k largest of vocab-parallel `logits` [N, V_local] (the shard
     starts at `vocab_start`; `blocked`: bool [V_local], ids never taken), best first: what a
     greedy decoding step needs, without the log-probabilities (no logsumexp pass). `chunk`:
-    the top k of every `chunk` ids first, then the row's among those."""
+    the top k of every `chunk` ids first, then the row's among those (the same ids where the
+    values differ; equal values may be taken in another order)."""
     logits = _without(logits, blocked)
     vals, ids = logits.topk(k, dim=-1) if chunk is None else _chunked_topk(logits, k, chunk)
     ids = ids + vocab_start

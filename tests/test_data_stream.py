@@ -254,8 +254,8 @@ def test_a_member_that_is_a_link_or_a_folder_is_named_not_lost(tmp_path):
     assert len(list(stream)) == 2 and stream.records_read == 4
     errors = {line: err for (_, line), err in stream.read_errors.items()}
     assert sorted(errors) == [3, 4] and {e.kind for e in errors.values()} == {"audio_unreadable"}
-    target = rows[0]["audio_filepath"]
-    assert f"link.ogg in {tmp_path / 'audio_0.tar'} is a link to {target}, not a file" in str(errors[3])
+    tar, target = tmp_path / "audio_0.tar", rows[0]["audio_filepath"]
+    assert f"link.ogg in {tar} is a link to {target}, not a file" in str(errors[3])
     assert "folder.ogg" in str(errors[4]) and "is a folder, not a file" in str(errors[4])
     with pytest.raises(ManifestError, match=r"manifest_0.json:3: field 'audio_filepath': link.ogg"):
         list(ManifestStream(manifests, LoadPolicy(), tarred_audio=tars))

@@ -215,9 +215,9 @@ def test_local_swiglu_layers_decode_through_the_fused_mlp(single_rank, monkeypat
 def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, monkeypatch):
     """The attention over the cache in one part and in three merged ones, the MLP fused and as
     its own modules, the pick in one selection and in chunks (`tools/bench_decode.py` times
-    each): the same tokens and top-k ids, each choice with a step of its own. In a model on the CPU the attention runs the reference
-    whatever its splits (the kernel's are checked above), so there this checks that the choice
-    reaches it."""
+    each): the same tokens and top-k ids; each choice of the step's with a step of its own (the
+    pick runs after it). In a model on the CPU the attention runs the reference whatever its
+    splits (the kernel's are checked above), so there this checks that the choice reaches it."""
     sp = PromptBuilder.student(tokenizer())
     m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
     splits = []
@@ -234,7 +234,7 @@ def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, 
         assert out.tokens == outs[0].tokens
         assert all(torch.equal(a, b) for a, b in zip(out.topk_ids, outs[0].topk_ids))
     assert set(splits) == {1, 3, None}
-    assert [shape[-1] for shape in m.decode_steps] == choices
+    assert [key[-1] for key in m.decode_steps] == choices[:3] + [DecodeKernels()]
 
 
 def test_decode_attention_refuses_tables_or_bias_that_do_not_fit_the_cache():

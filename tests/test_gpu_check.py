@@ -86,8 +86,9 @@ def test_a_decoding_variant_that_fails_is_recorded_and_the_others_still_run(
         single_rank, tmp_path, monkeypatch):
     from ark_mega.kernels.teacher_topk import vocab_topk
 
-    sys.path.insert(0, os.path.dirname(SCRIPT))
+    monkeypatch.syspath_prepend(os.path.dirname(SCRIPT))
     bench = load_tool("bench_decode")
+
     def chunked_fails(*args, **kwargs):
         if args[-1] is not None:  # the chunk
             raise RuntimeError("no chunks here")

@@ -322,17 +322,23 @@ def test_teacher_topk_with_blocked_leading_block_and_chunk():
         assert rel(got.logprobs_at_student, ref.logprobs_at_student) < 1e-5
 
 
-@pytest.mark.parametrize("v,chunk", [(1500, 100), (1500, 64), (1499, 64), (40, 1000)])
+@pytest.mark.parametrize("v,chunk", [(1500, 100), (1500, 64), (1499, 64), (1473, 64),
+                                     (40, 1000)])
 def test_vocab_topk_in_chunks_equals_one_selection(v, chunk):
     """The top k of each chunk, then of those: the same ids in the same order as one selection
     over the row, with blocked ids and the shard's offset; chunks that divide the row (100, or
-    60 for 64), the last one padded (1,499 ids is prime), one chunk larger than the row."""
+    60 for 64), the last one padded (1,499 ids is prime; of 1,473, one id), one chunk larger
+    than the row. A row with fewer than k unblocked ids still gets ids of the row only."""
     gen = torch.Generator().manual_seed(v + chunk)
     logits = torch.randn(5, v, generator=gen)
     blocked = torch.rand(v, generator=gen) < 0.3
     whole = vocab_topk(8, logits, 1000, blocked=blocked)
     assert torch.equal(vocab_topk(8, logits, 1000, blocked=blocked, chunk=chunk), whole)
     assert not blocked[whole - 1000].any()
+    blocked[:3], blocked[3:] = False, True
+    few = vocab_topk(8, logits, 1000, blocked=blocked, chunk=chunk)
+    assert torch.equal(few[:, :3], vocab_topk(3, logits, 1000, blocked=blocked))
+    assert ((few >= 1000) & (few < 1000 + v)).all()
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -13,13 +13,13 @@ fraction of the floor; tokens/s over all the steps after the prefill
 (`rollout_decode_tokens_per_s`); on a GPU with the decoding step replayed as a CUDA graph (the
 default) and, as the same run's baseline, without; last, the decoding step with each
 alternative to its default kernels (`DecodeKernels`), timed as the default is
-(`variants_ms_per_step`; a variant that fails is recorded with its error). The
-model keeps its decoding step, graph included, for later rollouts of the same batch size and
-cache length: only the first rollout of a shape warms the graph up eagerly and captures it
+(`variants_ms_per_step`; a variant that fails is recorded with its error). The model keeps its
+decoding step, graph included, for later rollouts of the same batch size and cache length: only
+the first rollout of a shape warms the graph up eagerly and captures it
 (`first_rollout_extra_s`: what it took more than a later one, with the kernels' first
-compilation). Should the graph's capture fail, the run reports its error and the eager figures. With --profile: where a whole rollout's time goes,
-then each kernel's calls and time per steady step (a rollout's kernels less those of a 3-token
-one, per extra step).
+compilation). Should the graph's capture fail, the run reports its error and the eager figures.
+With --profile: where a whole rollout's time goes, then each kernel's calls and time per steady
+step (a rollout's kernels less those of a 3-token one, per extra step).
 """
 
 from __future__ import annotations
@@ -133,17 +133,20 @@ def main() -> int:
                                  "steady decoding step")
     # alternatives to the default kernels: what ran before each rewrite since run 8, and the
     # greedy pick in chunks of ~2,048 ids. After the default's figures are on disk: one that
-    # fails (a kernel's first run on a device) is recorded, and the others still run.
+    # fails (a kernel's first run on a device) is recorded, and the others still run (unless
+    # the failure was a CUDA error that leaves the device unusable: then they fail too).
     variants = {"one_split_attention": DecodeKernels(attention_splits=1),
                 "cublas_mlp": DecodeKernels(fused_mlp=False),
                 "chunked_pick": DecodeKernels(pick_chunk=2048)}
     result["variants_ms_per_step"] = timed = {}
     for name, kernels in variants.items():
         try:
-            run(args.new_tokens, graph_error is None, kernels)  # its first rollout: a new step
+            for tokens in (args.new_tokens, 3):  # first rollouts of its steps, as above
+                run(tokens, graph_error is None, kernels)
             timed[name] = 1e3 * args.batch / decode_tokens_per_s(graph_error is None, kernels)[0]
         except Exception as e:  # noqa: BLE001 (any failure is the variant's result)
-            timed[name] = f"failed: {type(e).__name__}: {str(e)[-300:]}"
+            # one line, for gpu_check's table
+            timed[name] = f"failed: {type(e).__name__}: " + " ".join(str(e).split())[-300:]
         print(f"variant {name}: {timed[name]} ms per step", flush=True)
         write_json(result, args.out)
     return 0

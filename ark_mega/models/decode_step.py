@@ -19,8 +19,8 @@ and the positions not yet written are masked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ KEPT_STEPS = 4
 KEPT_CACHE_BYTES = 4 * 2**30
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DecodeKernels:
     """A rollout's choices between two ways of computing the same thing. The defaults are what
     rollouts run; `tools/bench_decode.py` times each alternative in the same run."""
@@ -117,7 +117,9 @@ class DecodeStep:
         its prefill: the one an earlier rollout made (with its graph), else a new one, made after
         the least recently used steps past KEPT_STEPS and KEPT_CACHE_BYTES are dropped."""
         kept = model.__dict__.setdefault("decode_steps", {})  # not a module: no state_dict
-        key = (tuple(key_padded.shape), key_padded.device, cuda_graph, kernels)
+        # the pick runs after the step: steps that differ in it alone are one
+        key = (tuple(key_padded.shape), key_padded.device, cuda_graph,
+               dataclasses.replace(kernels, pick_chunk=None))
         step = kept.pop(key, None)
         if step is None:
             size = sum(t.nbytes for kv in context.key_value_memory_dict.values() for t in kv)
