@@ -113,7 +113,7 @@ def _chunked_topk(logits: torch.Tensor, k: int, chunk: int):
     chunk = _chunk_size(v, chunk, k)
     if v % chunk:
         logits = torch.nn.functional.pad(logits, (0, -v % chunk), value=float("-inf"))
-    vals, ids = logits.view(n, -1, chunk).topk(k, dim=-1)  # [N, chunks, k]
+    vals, ids = logits.reshape(n, -1, chunk).topk(k, dim=-1)  # [N, chunks, k]
     ids = ids + torch.arange(0, logits.shape[1], chunk, device=ids.device)[:, None]
     vals, ids = _top_of(vals.flatten(1), ids.flatten(1), k)
     # a row with fewer than k unblocked ids may take the padding's -inf over a blocked id's:
