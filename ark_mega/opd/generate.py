@@ -109,7 +109,7 @@ def generate(model: AudioLM, prompts: list[list[int]], audio_features: list[torc
              pad_id: int = 0, kernels: DecodeKernels = DecodeKernels()) -> Rollout:
     """Generate up to `cfg.max_new_tokens` after each prompt. Every rank of the model's
     pipeline calls this with the same prompts; `blocked` is a bool [V] of ids never generated;
-    `kernels`: the decoding step's (benchmarks compare them)."""
+    `kernels`: the choices of kernels (benchmarks compare them)."""
     if cfg.top_k is None:
         raise ValueError("GenerationConfig.top_k is unset (a run config sets it to opd.top_k)")
     if not prompts or not all(prompts):
