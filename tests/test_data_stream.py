@@ -236,11 +236,14 @@ def test_a_member_listed_twice_gives_a_cut_per_segment(tmp_path):
 
 
 def test_a_member_that_is_a_link_or_a_folder_is_named_not_lost(tmp_path):
+    import io
     import tarfile
 
     manifests, tars = nemo_tarred_set(tmp_path, shards=1, per_shard=2)
     path = tmp_path / "manifest_0.json"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    with tarfile.open(tmp_path / "audio_0.tar") as tar:
+        audio = tar.extractfile(rows[1]["audio_filepath"]).read()
     with tarfile.open(tmp_path / "audio_0.tar", "a") as tar:
         link = tarfile.TarInfo("link.ogg")
         link.type, link.linkname = tarfile.SYMTYPE, rows[0]["audio_filepath"]
@@ -248,10 +251,20 @@ def test_a_member_that_is_a_link_or_a_folder_is_named_not_lost(tmp_path):
         folder.type = tarfile.DIRTYPE
         tar.addfile(link)
         tar.addfile(folder)
-    rows += [dict(rows[0], audio_filepath="link.ogg"), dict(rows[0], audio_filepath="folder.ogg")]
+        # a folder, then a file of the same name: the file is read
+        twice = tarfile.TarInfo("twice.ogg")
+        twice.type = tarfile.DIRTYPE
+        tar.addfile(twice)
+        twice = tarfile.TarInfo("twice.ogg")
+        twice.size = len(audio)
+        tar.addfile(twice, io.BytesIO(audio))
+    rows += [dict(rows[0], audio_filepath="link.ogg"), dict(rows[0], audio_filepath="folder.ogg"),
+             dict(rows[1], audio_filepath="twice.ogg")]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stream = ManifestStream(manifests, LoadPolicy(skip_bad=True), tarred_audio=tars)
-    assert len(list(stream)) == 2 and stream.records_read == 4
+    cuts = list(stream)
+    assert len(cuts) == 3 and stream.records_read == 5
+    assert cuts[-1].id.endswith(":twice.ogg") and cuts[-1].load_audio().shape[0] == 1
     errors = {line: err for (_, line), err in stream.read_errors.items()}
     assert sorted(errors) == [3, 4] and {e.kind for e in errors.values()} == {"audio_unreadable"}
     tar, target = tmp_path / "audio_0.tar", rows[0]["audio_filepath"]

@@ -10,8 +10,8 @@ manifest lines first, then its records in tar order.
 
 Bad input follows the other formats: a bad manifest record or unreadable audio is a
 `ManifestError` naming the manifest, line and field; a manifest entry with no member in its tar
-is `audio_missing`, one whose member is a link or a folder `audio_unreadable`; a member the
-manifest does not list is ignored (NeMo does the same); a member listed several times (segments
+is `audio_missing`, one whose members of that name are links or folders only
+`audio_unreadable`; a member the manifest does not list is ignored (NeMo does the same); a member listed several times (segments
 by `offset` / `duration`) gives a cut per record.
 """
 
@@ -82,8 +82,13 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
             if keep is None or keep(index - 1):
                 yield line, obj if isinstance(obj, ManifestError) else checks.error(
                     line, "audio_filepath", "missing or not a string", "missing_field")
+        not_files = {}  # name -> what the tar holds there; a later member may be the file
         with tarfile.open(tar, "r|*") as stream:
             for member in stream:
+                if not member.isfile():
+                    if member.name in entries:
+                        not_files[member.name] = _member_kind(member)
+                    continue
                 records = entries.pop(member.name, None)
                 if records is None:
                     continue
@@ -94,12 +99,6 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                         kept.append((n, *record))
                 if not kept:  # the stream skips the member's bytes unread
                     continue
-                if not member.isfile():  # a link or folder of that name: no audio to read
-                    for _, line, _ in kept:
-                        yield line, checks.error(line, "audio_filepath", f"{member.name} in {tar} "
-                                                 f"is {_member_kind(member)}, not a file",
-                                                 "audio_unreadable")
-                    continue
                 data = stream.extractfile(member).read()
                 for n, line, obj in kept:
                     cut_id = f"{os.path.basename(tar)}:{member.name}" + (f":{n}" if n else "")
@@ -107,12 +106,14 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                         yield line, _tarred_cut(checks, line, obj, data, cut_id)
                     except ManifestError as e:
                         yield line, e
-        for name, records in entries.items():  # listed, never found in the tar
+        for name, records in entries.items():  # listed, never found in the tar as a file
             for line, _ in records:
                 index += 1
                 if keep is None or keep(index - 1):
-                    yield line, checks.error(line, "audio_filepath", f"{name} is not in {tar}",
-                                             "audio_missing")
+                    yield line, (checks.error(line, "audio_filepath", f"{name} is not in {tar}",
+                                              "audio_missing") if name not in not_files else
+                                 checks.error(line, "audio_filepath", f"{name} in {tar} is "
+                                              f"{not_files[name]}, not a file", "audio_unreadable"))
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
