@@ -1,6 +1,7 @@
 """tools/gpu_check.py, the one command that checks a GPU node, run as --smoke: the same harness
 and parts on tiny shapes on the CPU."""
 
+import importlib
 import json
 import os
 import re
@@ -82,25 +83,47 @@ def test_a_failing_part_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
     assert "| trainer | failed (exit 1) |" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_a_decoding_variant_that_fails_is_recorded_and_the_others_still_run(
-        single_rank, tmp_path, monkeypatch):
-    from ark_mega.kernels.teacher_topk import vocab_topk
+def bench_decode_failing(tmp_path, monkeypatch, target: str, fails) -> tuple[int, dict]:
+    """tools/bench_decode.py --smoke in this process with `target` (a function, by its dotted
+    name where it is used) raising where `fails(args, kwargs)`: its exit code and figures."""
+    module, name = target.rsplit(".", 1)
+    real = getattr(importlib.import_module(module), name)
 
+    def failing(*args, **kwargs):
+        if fails(args, kwargs):
+            raise RuntimeError("failed on purpose")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, failing)
     monkeypatch.syspath_prepend(os.path.dirname(SCRIPT))
-    bench = load_tool("bench_decode")
-
-    def chunked_fails(*args, **kwargs):
-        if args[-1] is not None:  # the chunk
-            raise RuntimeError("no chunks here")
-        return vocab_topk(*args, **kwargs)
-
-    monkeypatch.setattr("ark_mega.opd.generate.vocab_topk", chunked_fails)
     monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--smoke", "--out",
                                       str(tmp_path / "decode.json")])
-    assert bench.main() == 0
-    timed = json.loads((tmp_path / "decode.json").read_text())["variants_ms_per_step"]
-    assert timed["chunked_pick"] == "failed: RuntimeError: no chunks here"
+    code = load_tool("bench_decode").main()
+    return code, json.loads((tmp_path / "decode.json").read_text())
+
+
+def test_a_decoding_variant_that_fails_is_recorded_and_the_others_still_run(
+        single_rank, tmp_path, monkeypatch):
+    code, figures = bench_decode_failing(tmp_path, monkeypatch, "ark_mega.opd.generate.vocab_topk",
+                                         lambda args, kwargs: args[-1] is not None)  # a chunk
+    assert code == 0 and figures["decode_tokens_per_s"] > 0
+    timed = figures["variants_ms_per_step"]
+    assert timed["chunked_pick"] == "failed: RuntimeError: failed on purpose"
     assert all(isinstance(timed[name], float) for name in ("one_split_attention", "cublas_mlp"))
+
+
+def test_default_decoding_kernels_that_fail_still_leave_the_others_timed(
+        single_rank, tmp_path, monkeypatch):
+    """The default attention (splits None) failing: the run reports its error, exits 1, and
+    times the step with the attention in one part."""
+    code, figures = bench_decode_failing(
+        tmp_path, monkeypatch, "ark_mega.models.decode_step.decode_attention",
+        lambda args, kwargs: kwargs["splits"] is None)
+    assert code == 1 and figures["error"] == "RuntimeError: failed on purpose"
+    assert "decode_tokens_per_s" not in figures and figures["floor_tokens_per_s"] > 0
+    timed = figures["variants_ms_per_step"]
+    assert isinstance(timed["one_split_attention"], float)
+    assert timed["cublas_mlp"] == timed["chunked_pick"] == "failed: RuntimeError: failed on purpose"
 
 
 def test_unknown_parts_are_named():

@@ -17,7 +17,8 @@ alternative to its default kernels (`DecodeKernels`), timed as the default is
 decoding step, graph included, for later rollouts of the same batch size and cache length: only
 the first rollout of a shape warms the graph up eagerly and captures it
 (`first_rollout_extra_s`: what it took more than a later one, with the kernels' first
-compilation). Should the graph's capture fail, the run reports its error and the eager figures.
+compilation). Should the graph's capture fail, the run reports its error and the eager figures;
+should the default kernels fail, it reports that error, still times the alternatives and exits 1.
 With --profile: where a whole rollout's time goes, then each kernel's calls and time per steady
 step (a rollout's kernels less those of a 3-token one, per extra step).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -84,30 +86,38 @@ def main() -> int:
         assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
         return time.perf_counter() - t0, out.cuda_graph
 
-    def decode_tokens_per_s(cuda_graph: bool, kernels=DecodeKernels()
-                            ) -> tuple[float, float, bool, float]:
-        """Tokens/s of the steps after the first two, and of all the steps after the prefill
-        (rollouts of shapes decoded before: with a graph, replays from their first step)."""
+    def steady_tokens_per_s(cuda_graph: bool, kernels=DecodeKernels()
+                            ) -> tuple[float, float, bool]:
+        """Tokens/s of the steps after the first two (rollouts of shapes decoded before: with a
+        graph, replays from their first step); the whole rollout's seconds, and whether its
+        steps replayed a graph."""
         seconds, graphed = run(args.new_tokens, cuda_graph, kernels)
         setup, _ = run(3, cuda_graph, kernels)
         steady = args.batch * (args.new_tokens - 3) / max(seconds - setup, 1e-9)
-        rollout = args.batch * (args.new_tokens - 1) / max(seconds - prefill_s, 1e-9)
-        return steady, rollout, graphed, seconds
+        return steady, seconds, graphed
 
-    graph_error = None
-    try:  # the first rollout of its shape: kernels compiled, eager warm-up step, graph captured
-        first_s, _ = run(args.new_tokens)
-    except RuntimeError as e:  # a failed capture: still measure eager decoding, and say why
-        if dev.type != "cuda":
-            raise
-        graph_error = str(e)[-1000:]
-        first_s, _ = run(args.new_tokens, cuda_graph=False)
-    run(3, cuda_graph=graph_error is None)  # its shape too, should its cache length differ
-    # step 1 picks from the prefill's logits: no decoding step
-    prefill_s, _ = run(1, cuda_graph=graph_error is None)
-    tokens_per_s, rollout_tokens_per_s, cuda_graph, rollout_s = decode_tokens_per_s(
-        graph_error is None)
-    eager = decode_tokens_per_s(False)[0] if dev.type == "cuda" else None
+    def default_figures() -> dict:
+        graph_error = None
+        try:  # the first rollout of its shape: kernels compiled, eager warm-up, graph captured
+            first_s, _ = run(args.new_tokens)
+        except RuntimeError as e:  # a failed capture: still measure eager decoding, and say why
+            if dev.type != "cuda":
+                raise
+            graph_error = str(e)[-1000:]
+            first_s, _ = run(args.new_tokens, cuda_graph=False)
+        run(3, cuda_graph=graph_error is None)  # its shape too, should its cache length differ
+        # step 1 picks from the prefill's logits: no decoding step
+        prefill_s, _ = run(1, cuda_graph=graph_error is None)
+        tokens_per_s, rollout_s, cuda_graph = steady_tokens_per_s(graph_error is None)
+        eager = steady_tokens_per_s(False)[0] if dev.type == "cuda" else None
+        return {"prefill_s": prefill_s, "decode_tokens_per_s": tokens_per_s,
+                "decode_ms_per_step": 1e3 * args.batch / tokens_per_s,
+                "rollout_decode_tokens_per_s":
+                    args.batch * (args.new_tokens - 1) / max(rollout_s - prefill_s, 1e-9),
+                "first_rollout_extra_s": first_s - rollout_s,
+                "cuda_graph": cuda_graph, "graph_error": graph_error,
+                "eager_decode_tokens_per_s": eager, "fraction_of_floor": tokens_per_s / floor}
+
     bandwidth = copy_gbps(dev, mib=1024 if dev.type == "cuda" else 64) * 1e9
     weights = decoder_weight_bytes(model)
     floor = args.batch * bandwidth / weights
@@ -117,17 +127,16 @@ def main() -> int:
         "setup": {"preset": args.preset, "batch": args.batch, "seconds": args.seconds,
                   "new_tokens": args.new_tokens, "dtype": str(dtype),
                   "layers": model.transformer_impl},
-        "prefill_s": prefill_s, "decode_tokens_per_s": tokens_per_s,
-        "decode_ms_per_step": 1e3 * args.batch / tokens_per_s,
-        "rollout_decode_tokens_per_s": rollout_tokens_per_s,
-        "first_rollout_extra_s": first_s - rollout_s,
-        "cuda_graph": cuda_graph, "graph_error": graph_error,
-        "eager_decode_tokens_per_s": eager,
         "decoder_weight_gib": weights / 2**30, "copy_gbps": bandwidth / 1e9,
-        "floor_tokens_per_s": floor, "fraction_of_floor": tokens_per_s / floor,
+        "floor_tokens_per_s": floor,
     }
+    try:
+        result.update(default_figures())
+    except Exception as e:  # noqa: BLE001 - the default kernels failed: still time the others
+        traceback.print_exc()
+        result["error"] = one_line(e)
     report(result, args.out)
-    if args.profile:  # a whole rollout, then its steady steps apart from its prefill and capture
+    if args.profile and "error" not in result:  # a whole rollout, then its steady steps apart
         rollout = write_profile(args.profile, lambda: run(args.new_tokens), dev)
         write_difference_profile(args.profile, rollout, lambda: run(3), args.new_tokens - 3, dev,
                                  "steady decoding step")
@@ -138,18 +147,23 @@ def main() -> int:
     variants = {"one_split_attention": DecodeKernels(attention_splits=1),
                 "cublas_mlp": DecodeKernels(fused_mlp=False),
                 "chunked_pick": DecodeKernels(pick_chunk=2048)}
+    graphs = result.get("graph_error") is None
     result["variants_ms_per_step"] = timed = {}
     for name, kernels in variants.items():
         try:
             for tokens in (args.new_tokens, 3):  # first rollouts of its steps, as above
-                run(tokens, graph_error is None, kernels)
-            timed[name] = 1e3 * args.batch / decode_tokens_per_s(graph_error is None, kernels)[0]
-        except Exception as e:  # noqa: BLE001 (any failure is the variant's result)
-            # one line, for gpu_check's table
-            timed[name] = f"failed: {type(e).__name__}: " + " ".join(str(e).split())[-300:]
+                run(tokens, graphs, kernels)
+            timed[name] = 1e3 * args.batch / steady_tokens_per_s(graphs, kernels)[0]
+        except Exception as e:  # noqa: BLE001 - any failure is the variant's result
+            timed[name] = f"failed: {one_line(e)}"
         print(f"variant {name}: {timed[name]} ms per step", flush=True)
         write_json(result, args.out)
-    return 0
+    return 1 if "error" in result else 0
+
+
+def one_line(e: Exception) -> str:
+    """An error for gpu_check's table: its type and the end of its message, on one line."""
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[-300:]
 
 
 if __name__ == "__main__":
