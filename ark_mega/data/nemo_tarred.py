@@ -11,8 +11,8 @@ manifest lines first, then its records in tar order.
 Bad input follows the other formats: a bad manifest record or unreadable audio is a
 `ManifestError` naming the manifest, line and field; a manifest entry with no member in its tar
 is `audio_missing`, one whose members of that name are links or folders only
-`audio_unreadable`; a member the manifest does not list is ignored (NeMo does the same); a member listed several times (segments
-by `offset` / `duration`) gives a cut per record.
+`audio_unreadable`; a member the manifest does not list is ignored (NeMo does the same); a
+member listed several times (segments by `offset` / `duration`) gives a cut per record.
 """
 
 from __future__ import annotations
@@ -107,13 +107,13 @@ def iter_nemo_tarred(manifests: str, tars: str, policy: LoadPolicy,
                     except ManifestError as e:
                         yield line, e
         for name, records in entries.items():  # listed, never found in the tar as a file
+            reason, kind = ((f"{name} in {tar} is {not_files[name]}, not a file",
+                             "audio_unreadable") if name in not_files else
+                            (f"{name} is not in {tar}", "audio_missing"))
             for line, _ in records:
                 index += 1
                 if keep is None or keep(index - 1):
-                    yield line, (checks.error(line, "audio_filepath", f"{name} is not in {tar}",
-                                              "audio_missing") if name not in not_files else
-                                 checks.error(line, "audio_filepath", f"{name} in {tar} is "
-                                              f"{not_files[name]}, not a file", "audio_unreadable"))
+                    yield line, checks.error(line, "audio_filepath", reason, kind)
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
