@@ -1,6 +1,6 @@
 """Triton kernels, installed as `ark_mega.kernels`: the OPD loss (union support, sparse LM head,
-union KL, teacher top-k), packed RoPE, and the decoding step's attention, add + RMSNorm and
-MLP projection + SwiGLU.
+union KL, teacher top-k), packed RoPE, and the decoding step's attention, add + RMSNorm, MLP
+projection + SwiGLU and output projections split over their input.
 
 Each op has a plain PyTorch reference beside its kernel. The OPD-loss ops' `impl="auto"` runs
 the kernel on CUDA tensors (and under TRITON_INTERPRET=1, as the tests do) and the reference

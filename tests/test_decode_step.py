@@ -4,11 +4,13 @@ eager decoding. Generation against a full recomputation: tests/test_opd.py."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ark_mega.config import GenerationConfig
 from ark_mega.data import PromptBuilder
 from ark_mega.kernels.decode_attention import decode_attention
 from ark_mega.kernels.rope import rope_tables
+from ark_mega.kernels.split_k_linear import default_splits, slice_width, split_k_linear
 from ark_mega.kernels.swiglu_linear import swiglu_linear
 from ark_mega.models import decode_step
 from ark_mega.models.decode_step import KEPT_STEPS, DecodeKernels, DecodeStep
@@ -116,6 +118,47 @@ def test_swiglu_linear_refuses_a_weight_that_does_not_fit():
         swiglu_linear(torch.zeros(2, 8), torch.zeros(6, 4))
 
 
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                        ("triton", torch.bfloat16)])
+@pytest.mark.parametrize("rows,k,n,splits", [(3, 40, 24, 1), (64, 200, 80, 2), (17, 320, 16, 5),
+                                             (130, 72, 40, 1), (2, 896, 48, None)])
+def test_split_k_linear_against_float64(impl, dtype, rows, k, n, splits):
+    """Each partial product over its slice of K and their sum (x W^T) against float64: rows, K
+    and N off the kernel's blocks (more rows than a GPU block's 64), one slice, a short last
+    slice (200 in 2 of 128), slices past K (320 in 5), the device's own count; leading dims
+    kept; bf16 (GPU only) against float64 on the same bf16-rounded inputs."""
+    if dtype == torch.bfloat16 and DEV.type != "cuda":
+        pytest.skip("bf16 tiles run compiled on a GPU only")
+    gen = torch.Generator().manual_seed(rows + k + n)
+    x = torch.randn(1, rows, k, generator=gen).to(dtype)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    got = split_k_linear(x.to(DEV), weight.to(DEV), splits, impl=impl).cpu()
+    parts = splits or got.shape[0]
+    assert got.shape == (parts, 1, rows, n) and got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    width = slice_width(k, parts)
+    for s in range(parts):
+        cut = slice(s * width, (s + 1) * width)
+        expected = x[..., cut].double() @ weight[:, cut].double().t()
+        assert (got[s].double() - expected).abs().max() <= tol * max(expected.abs().max(), 1)
+    expected = x.double() @ weight.double().t()
+    assert (got.double().sum(0) - expected).abs().max() / expected.abs().max() < tol
+
+
+def test_split_k_linear_splits_and_refusals():
+    """About one program per processor (64 columns each), at least 128 columns of K a slice,
+    none empty; a weight that does not fit, or no slice, is refused."""
+    assert default_splits(896, 4864, 132) == 8  # Ark-ASR's MLP output: 14 column blocks, 9
+    # slices wanted, 8 of 640 columns
+    assert default_splits(896, 896, 132) == 7  # its attention output: 7 slices of 128
+    assert default_splits(896, 4864, 1) == 1
+    assert slice_width(4864, 9) == 640 and slice_width(320, 5) == 128
+    with pytest.raises(ValueError, match=r"weight \(6, 4\)"):
+        split_k_linear(torch.zeros(2, 8), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="splits must be at least 1"):
+        split_k_linear(torch.zeros(2, 8), torch.zeros(6, 8), splits=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name,builder", [("tiny_ark_asr", PromptBuilder.student),
                                           ("tiny_qwen3_asr", PromptBuilder.teacher)])
@@ -184,37 +227,47 @@ def test_a_rollout_reuses_the_models_step_of_its_shape(single_rank, monkeypatch)
     assert [shape[0][0] for shape in m.decode_steps] == [1]
 
 
-def test_local_swiglu_layers_decode_through_the_fused_mlp(single_rank, monkeypatch):
+def test_local_layers_decode_through_the_fused_mlp_and_split_projections(single_rank,
+                                                                          monkeypatch):
     """Every decoding step of a local-layer student runs each layer's MLP through
-    `swiglu_linear` (a condition that never held would leave the kernel unused on a GPU);
-    with `fused_mlp` off, none does."""
+    `swiglu_linear` and its two output projections through `split_k_linear` (a condition that
+    never held would leave a kernel unused on a GPU); with `fused_mlp` off, only the attention's
+    projection is split; with `split_k_projections` off, neither is."""
     sp = PromptBuilder.student(tokenizer())
     m = model("tiny_ark_asr", sp, seed=0, scale=3.0).to(DEV).eval()
-    calls = []
+    calls = {"swiglu": [], "split": []}
 
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return swiglu_linear(*args, **kwargs)
+    def counted(name, kernel):
+        def call(*args, **kwargs):
+            calls[name].append(args[1].shape)
+            return kernel(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(decode_step, "swiglu_linear", counted)
+    monkeypatch.setattr(decode_step, "swiglu_linear", counted("swiglu", swiglu_linear))
+    monkeypatch.setattr(decode_step, "split_k_linear", counted("split", split_k_linear))
     feats = [f.to(DEV) for f in batch(sp, n=2).audio_features]
 
     def rollout(kernels):
-        return generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
-                        GenerationConfig(max_new_tokens=4, top_k=4), kernels=kernels)
+        for made in calls.values():
+            made.clear()
+        out = generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
+                       GenerationConfig(max_new_tokens=4, top_k=4), kernels=kernels)
+        assert out.steps == 4
+        return {name: made[:2] + [len(made)] for name, made in calls.items()}
 
-    out = rollout(DecodeKernels())
-    layers = m.gpt.decoder.layers
-    assert len(calls) == len(layers) * (out.steps - 1) > 0
-    assert calls[0] == layers[0].mlp.linear_fc1.weight.shape
-    calls.clear()
-    rollout(DecodeKernels(fused_mlp=False))
-    assert calls == []
+    layer, n = m.gpt.decoder.layers[0], len(m.gpt.decoder.layers) * 3  # 3 steps after the prefill
+    fc1, fc2 = layer.mlp.linear_fc1.weight.shape, layer.mlp.linear_fc2.weight.shape
+    proj = layer.self_attention.linear_proj.weight.shape
+    assert rollout(DecodeKernels()) == {"swiglu": [fc1, fc1, n], "split": [proj, fc2, 2 * n]}
+    assert rollout(DecodeKernels(fused_mlp=False)) == {"swiglu": [0], "split": [proj, proj, n]}
+    assert rollout(DecodeKernels(split_k_projections=False)) == {"swiglu": [fc1, fc1, n],
+                                                                 "split": [0]}
 
 
 def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, monkeypatch):
     """The attention over the cache in one part and in three merged ones, the MLP fused and as
-    its own modules, the pick in one selection and in chunks (`tools/bench_decode.py` times
+    its own modules, the output projections in two slices summed by the add after them and as
+    the layers' own, the pick in one selection and in chunks (`tools/bench_decode.py` times
     each): the same tokens and top-k ids; each choice of the step's with a step of its own (the
     pick runs after it). In a model on the CPU the attention runs the reference whatever its
     splits (the kernel's are checked above), so there this checks that the choice reaches it."""
@@ -223,9 +276,16 @@ def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, 
     splits = []
     monkeypatch.setattr(decode_step, "decode_attention", lambda *a, **k: splits.append(
         k["splits"]) or decode_attention(*a, **k))
+    def in_two_slices(x, w, **kwargs):  # the tiny model's widths fit one slice of 128
+        pad = x.shape[-1] % 128 and 128 - x.shape[-1] % 128
+        x = torch.cat([F.pad(x, (0, pad)), x], -1)  # each slice: x (W / 2)^T
+        return split_k_linear(x, torch.cat([F.pad(w, (0, pad)), w], -1) / 2, splits=2, **kwargs)
+
+    monkeypatch.setattr(decode_step, "split_k_linear", in_two_slices)
     feats = [f.to(DEV) for f in batch(sp, n=3).audio_features]
     choices = [DecodeKernels(attention_splits=1), DecodeKernels(attention_splits=3),
-               DecodeKernels(fused_mlp=False), DecodeKernels(pick_chunk=32)]
+               DecodeKernels(fused_mlp=False), DecodeKernels(split_k_projections=False),
+               DecodeKernels(pick_chunk=32)]
     outs = [generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
                      GenerationConfig(max_new_tokens=6, top_k=4), kernels=kernels)
             for kernels in choices]
@@ -234,7 +294,8 @@ def test_every_choice_of_decoding_kernels_decodes_the_same_rollout(single_rank, 
         assert out.tokens == outs[0].tokens
         assert all(torch.equal(a, b) for a, b in zip(out.topk_ids, outs[0].topk_ids))
     assert set(splits) == {1, 3, None}
-    assert [key[-1] for key in m.decode_steps] == choices[:3] + [DecodeKernels()]
+    made = choices[:4] + [DecodeKernels()]  # the model keeps the last KEPT_STEPS
+    assert [key[-1] for key in m.decode_steps] == made[-KEPT_STEPS:]
 
 
 def test_decode_attention_refuses_tables_or_bias_that_do_not_fit_the_cache():

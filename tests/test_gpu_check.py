@@ -45,6 +45,7 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
     decode = parts["decode"]["figures"]
     assert decode["decode_tokens_per_s"] > 0
     assert set(decode["variants_ms_per_step"]) == {"one_split_attention", "cublas_mlp",
+                                                 "cublas_projections", "run8_step",
                                                  "chunked_pick"}
     assert all(isinstance(ms, float) for ms in decode["variants_ms_per_step"].values())
     # the decoding step's own ops, apart from the prefill: per step, each decoder layer's four
@@ -109,21 +110,23 @@ def test_a_decoding_variant_that_fails_is_recorded_and_the_others_still_run(
     assert code == 0 and figures["decode_tokens_per_s"] > 0
     timed = figures["variants_ms_per_step"]
     assert timed["chunked_pick"] == "failed: RuntimeError: failed on purpose"
-    assert all(isinstance(timed[name], float) for name in ("one_split_attention", "cublas_mlp"))
+    assert all(isinstance(timed[name], float) for name in ("one_split_attention", "cublas_mlp",
+                                                           "cublas_projections", "run8_step"))
 
 
 def test_default_decoding_kernels_that_fail_still_leave_the_others_timed(
         single_rank, tmp_path, monkeypatch):
     """The default attention (splits None) failing: the run reports its error, exits 1, and
-    times the step with the attention in one part."""
+    times the steps with the attention in one part (run 8's too)."""
     code, figures = bench_decode_failing(
         tmp_path, monkeypatch, "ark_mega.models.decode_step.decode_attention",
         lambda args, kwargs: kwargs["splits"] is None)
     assert code == 1 and figures["error"] == "RuntimeError: failed on purpose"
     assert "decode_tokens_per_s" not in figures and figures["floor_tokens_per_s"] > 0
     timed = figures["variants_ms_per_step"]
-    assert isinstance(timed["one_split_attention"], float)
-    assert timed["cublas_mlp"] == timed["chunked_pick"] == "failed: RuntimeError: failed on purpose"
+    assert isinstance(timed["one_split_attention"], float) and isinstance(timed["run8_step"], float)
+    assert all(timed[name] == "failed: RuntimeError: failed on purpose"
+               for name in ("cublas_mlp", "cublas_projections", "chunked_pick"))
 
 
 def test_unknown_parts_are_named():

@@ -10,7 +10,8 @@ from opd_setup import ROOT
 
 KERNELS = {"_fwd_kernel", "_grad_hidden_kernel", "_segment_sum_kernel", "_lse_gather_kernel",
            "_union_kernel", "_union_kl_kernel", "_rope_kernel", "_decode_attention_kernel",
-           "_merge_splits_kernel", "_add_rms_norm_kernel", "_swiglu_linear_kernel"}
+           "_merge_splits_kernel", "_add_rms_norm_kernel", "_swiglu_linear_kernel",
+           "_split_k_linear_kernel"}
 
 
 def test_every_kernel_compiles_for_hopper():

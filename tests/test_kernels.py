@@ -343,15 +343,19 @@ def test_vocab_topk_in_chunks_equals_one_selection(v, chunk):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("width, eps", [(896, 1e-6), (64, None)])
-def test_add_rms_norm_against_float64(width, eps, impl):
+@pytest.mark.parametrize("parts", [None, 1, 3])
+def test_add_rms_norm_against_float64(width, eps, parts, impl):
     """The residual sum and its RMSNorm (eps None: the dtype's epsilon, as torch's), on rows
-    whose scales differ by 10^4 (each row is normalised by its own mean square)."""
+    whose scales differ by 10^4 (each row is normalised by its own mean square); the added
+    output whole, or as float32 partial sums (`split_k_linear`'s)."""
     gen = torch.Generator().manual_seed(width)
-    hidden, delta = (torch.randn(3, 5, width, generator=gen) * torch.logspace(-2, 2, 5)[:, None]
-                     for _ in range(2))
+    scale = torch.logspace(-2, 2, 5)[:, None]
+    hidden = torch.randn(3, 5, width, generator=gen) * scale
+    delta = torch.randn(parts or 1, 3, 5, width, generator=gen) * scale
     weight = torch.randn(width, generator=gen)
-    total, normed = add_rms_norm(*on_dev(hidden, delta, weight), eps, impl=impl)
-    x = hidden.double() + delta.double()
+    total, normed = add_rms_norm(*on_dev(hidden, delta if parts else delta[0], weight), eps,
+                                 impl=impl)
+    x = hidden.double() + delta.double().sum(0)
     mean_square = x.pow(2).mean(-1, keepdim=True)
     ref = x / (mean_square + (torch.finfo(torch.float32).eps if eps is None else eps)).sqrt()
     assert rel(total.cpu(), x) < 1e-6
@@ -365,6 +369,13 @@ def test_add_rms_norm_rounds_as_torch_in_bf16():
                                      for shape in ((64, 896), (64, 896), (896,))))
     got = add_rms_norm(hidden, delta, weight, 1e-6, impl="triton")
     ref = add_rms_norm(hidden, delta, weight, 1e-6, impl="torch")
+    assert torch.equal(got[0], ref[0])
+    assert rel(got[1].float(), ref[1].float()) < 1e-2
+    # partial sums: summed in order in float32, rounded to bf16 as the projection's output
+    parts = on_dev(torch.randn(3, 64, 896, generator=gen))[0]
+    got = add_rms_norm(hidden, parts, weight, 1e-6, impl="triton")
+    ref = add_rms_norm(hidden, (parts[0] + parts[1] + parts[2]).to(torch.bfloat16), weight,
+                       1e-6, impl="torch")
     assert torch.equal(got[0], ref[0])
     assert rel(got[1].float(), ref[1].float()) < 1e-2
 
@@ -421,9 +432,9 @@ def test_vocab_parallel_kernels_at_tp2_equal_tp1():
 
 def test_first_steps_neither_recompile_nor_retune_a_kernel():
     """Row and token counts are not specialised on: a new count divisible by 16 (or not) would
-    compile the kernel again inside a training step. Autotuning results are kept on disk for
-    the next process. Read from the compiled (not interpreted) kernels, which only a process
-    without TRITON_INTERPRET builds."""
+    compile the kernel again inside a training step or a rollout. Autotuning results are kept
+    on disk for the next process. Read from the compiled (not interpreted) kernels, which only
+    a process without TRITON_INTERPRET builds."""
     script = """
 from importlib import import_module
 from ark_mega.kernels._backend import _TUNED
@@ -431,7 +442,10 @@ assert _TUNED and all(kernel.cache_results for kernel in _TUNED), _TUNED
 for module, kernel, name in (("rope", "_rope_kernel", "n"),
                              ("teacher_topk", "_lse_gather_kernel", "chunk_start"),
                              ("union_kl", "_union_kl_kernel", "n_rows"),
-                             ("union_support", "_union_kernel", "n_rows")):
+                             ("union_support", "_union_kernel", "n_rows"),
+                             ("add_rms_norm", "_add_rms_norm_kernel", "rows"),
+                             ("swiglu_linear", "_swiglu_linear_kernel", "rows"),
+                             ("split_k_linear", "_split_k_linear_kernel", "rows")):
     jitted = getattr(import_module("ark_mega.kernels." + module), kernel)
     jitted = jitted if hasattr(jitted, "params") else jitted.fn  # under an autotuner
     params = {p.name: p for p in jitted.params}
@@ -456,3 +470,8 @@ def test_ops_name_the_inputs_that_do_not_fit():
         teacher_topk(2, ids, hidden=torch.zeros(4, 8))
     with pytest.raises(ValueError, match="norm weight"):
         add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 8), torch.ones(6), 1e-6)
+    with pytest.raises(ValueError, match=r"delta \(3, 2, 6\)"):  # partial sums of another width
+        add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 2, 6), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match=r"delta \(3, 2, 8\) torch.bfloat16"):  # not float32
+        add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 2, 8, dtype=torch.bfloat16), torch.ones(8),
+                     1e-6)

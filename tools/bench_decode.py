@@ -140,12 +140,16 @@ def main() -> int:
         rollout = write_profile(args.profile, lambda: run(args.new_tokens), dev)
         write_difference_profile(args.profile, rollout, lambda: run(3), args.new_tokens - 3, dev,
                                  "steady decoding step")
-    # alternatives to the default kernels: what ran before each rewrite since run 8, and the
-    # greedy pick in chunks of ~2,048 ids. After the default's figures are on disk: one that
-    # fails (a kernel's first run on a device) is recorded, and the others still run (unless
-    # the failure was a CUDA error that leaves the device unusable: then they fail too).
+    # alternatives to the default kernels: what ran before each rewrite since run 8, all of
+    # them together (run 8's step), and the greedy pick in chunks of ~2,048 ids. After the
+    # default's figures are on disk: one that fails (a kernel's first run on a device) is
+    # recorded, and the others still run (unless the failure was a CUDA error that leaves the
+    # device unusable: then they fail too).
     variants = {"one_split_attention": DecodeKernels(attention_splits=1),
                 "cublas_mlp": DecodeKernels(fused_mlp=False),
+                "cublas_projections": DecodeKernels(split_k_projections=False),
+                "run8_step": DecodeKernels(attention_splits=1, fused_mlp=False,
+                                           split_k_projections=False),
                 "chunked_pick": DecodeKernels(pick_chunk=2048)}
     graphs = result.get("graph_error") is None
     result["variants_ms_per_step"] = timed = {}

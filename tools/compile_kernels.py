@@ -40,6 +40,7 @@ def run_every_op() -> None:
     from ark_mega.kernels.add_rms_norm import add_rms_norm
     from ark_mega.kernels.decode_attention import decode_attention
     from ark_mega.kernels.rope import packed_rope, rope_tables, tables_at
+    from ark_mega.kernels.split_k_linear import split_k_linear
     from ark_mega.kernels.swiglu_linear import swiglu_linear
 
     gen = torch.Generator().manual_seed(0)
@@ -78,6 +79,10 @@ def run_every_op() -> None:
         # the MLP width changes no block or register: a narrow one keeps the interpreter quick
         swiglu_linear(hidden, torch.randn(2 * 64, width, dtype=torch.bfloat16, generator=gen),
                       impl="triton")
+        # an output projection in 2 slices, summed by the add after it
+        parts = split_k_linear(hidden, torch.randn(width, width, dtype=torch.bfloat16,
+                                                   generator=gen), splits=2, impl="triton")
+        add_rms_norm(hidden, parts, hidden[0, 0], 1e-6, impl="triton")
 
 
 def record_launches(path: str) -> None:

@@ -96,7 +96,7 @@ PARTS = [
     Part("bench_opd", 180, {"speedup": (">=", 5)}),
     Part("real_ark", 60, {}),
     Part("real_qwen3", 60, {}),
-    Part("decode", 90, {"fraction_of_floor": (">=", 0.3)}),
+    Part("decode", 150, {"fraction_of_floor": (">=", 0.3)}),
     Part("sft", 90, {"mfu": (">=", 0.25)}),
 ]
 

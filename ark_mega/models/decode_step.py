@@ -9,8 +9,10 @@ replayed once per token. The step calls the layers' own modules (norms, q/k norm
 projections, embedding, output layer) and their QKV and first MLP projections' weights, and
 does only the attention itself with the step's RoPE and cache write
 (`ark_mega.kernels.decode_attention`), a local SwiGLU MLP's first projection with its
-activation (`ark_mega.kernels.swiglu_linear`) and, for torch's RMSNorm, each residual add with
-the norm that follows it (`ark_mega.kernels.add_rms_norm`).
+activation (`ark_mega.kernels.swiglu_linear`), a local layer's output projections at one
+tensor-parallel rank as partial sums over slices of their input
+(`ark_mega.kernels.split_k_linear`) and, for torch's RMSNorm, each residual add with the norm
+that follows it, summing those partials (`ark_mega.kernels.add_rms_norm`).
 
 Rows are left-padded to one prompt length, so every row writes at the same position; padded keys
 and the positions not yet written are masked.
@@ -26,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.utils import get_pg_size
 
 from ..kernels import compiled_only
 from ..kernels.add_rms_norm import add_rms_norm
 from ..kernels.decode_attention import decode_attention
 from ..kernels.rope import rope_tables
+from ..kernels.split_k_linear import split_k_linear
 from ..kernels.swiglu_linear import swiglu_linear
 
 
@@ -53,8 +57,11 @@ class DecodeKernels:
     # enough programs per SM (flash-decoding), 1 for one program per row and key group
     attention_splits: int | None = None
     # a local SwiGLU MLP's first projection and activation in one Triton launch; False: the
-    # MLP's own modules (cuBLAS, then SwiGLU)
+    # MLP's own modules (cuBLAS, then SwiGLU; its output projection too)
     fused_mlp: bool = True
+    # a local layer's output projections (attention, MLP) at one TP rank as float32 partial
+    # sums over slices of their input, which the residual add after them sums; False: cuBLAS's
+    split_k_projections: bool = True
     # the greedy pick's top k after the step (`vocab_topk`'s `chunk`, in `generate`): None for
     # one selection over each row's vocabulary, N for each N ids' top k first
     pick_chunk: int | None = None
@@ -216,15 +223,26 @@ class DecodeStep:
                                    self.padding, self.config.softmax_scale,
                                    impl=compiled_only(normed),
                                    splits=self.kernels.attention_splits)
-        out, bias = attention.linear_proj(context)
-        hidden, normed = add_and_norm(hidden, out if bias is None else out + bias,
+        hidden, normed = add_and_norm(hidden, self._projection(attention.linear_proj, context),
                                       layer.pre_mlp_layernorm)
-        out, bias = self._mlp(layer.mlp, normed)
-        return add_and_norm(hidden, out if bias is None else out + bias, following)
+        return add_and_norm(hidden, self._mlp(layer.mlp, normed), following)
+
+    def _projection(self, linear, x):
+        """A row-parallel linear's output, its bias added: a local one's at one TP rank as
+        float32 partial sums over slices of `x` (`ark_mega.kernels.split_k_linear`), for the
+        residual add after it to sum; otherwise the layer's own."""
+        if (self.kernels.split_k_projections and isinstance(linear, RowParallelLinear)
+                and linear.bias is None and linear.input_is_parallel
+                and get_pg_size(linear.tp_group) == 1 and not linear.explicit_expert_comm
+                and linear.weight.dtype == x.dtype and not self.config.fp8):
+            return split_k_linear(x, linear.weight, impl=compiled_only(x))
+        out, bias = linear(x)
+        return out if bias is None else out + bias
 
     def _mlp(self, mlp, normed):
-        """The layer's MLP; a local SwiGLU one's first projection and activation in one launch
-        (`ark_mega.kernels.swiglu_linear`), its output projection as the layer's own."""
+        """The layer's MLP, its bias added; a local SwiGLU one's first projection and activation
+        in one launch (`ark_mega.kernels.swiglu_linear`), its output projection as
+        `_projection`'s."""
         fc1, cfg = getattr(mlp, "linear_fc1", None), self.config
         if (self.kernels.fused_mlp and isinstance(fc1, ColumnParallelLinear) and fc1.bias is None
                 and not fc1.gather_output and fc1.weight.dtype == normed.dtype
@@ -232,8 +250,10 @@ class DecodeStep:
                 and mlp.activation_func is F.silu and not cfg.use_te_activation_func
                 and cfg.activation_func_clamp_value is None and cfg.glu_linear_offset == 0
                 and not cfg.fp8):
-            return mlp.linear_fc2(swiglu_linear(normed, fc1.weight, impl=compiled_only(normed)))
-        return mlp(normed)
+            return self._projection(mlp.linear_fc2,
+                                    swiglu_linear(normed, fc1.weight, impl=compiled_only(normed)))
+        out, bias = mlp(normed)
+        return out if bias is None else out + bias
 
     def _qkv(self, attention, normed):
         """The step's query heads [1, b, groups, per_group, hn], key and value [1, b, groups,
@@ -262,10 +282,13 @@ class DecodeStep:
 
 
 def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor, norm):
-    """hidden + delta, and `norm` of it (None: no norm); torch's RMSNorm (the local layers')
-    with the add in one launch on a GPU (`ark_mega.kernels.add_rms_norm`)."""
+    """hidden + delta (or float32 partial sums of delta, `_projection`'s), and `norm` of it
+    (None: no norm); torch's RMSNorm (the local layers') with the add in one launch on a GPU
+    (`ark_mega.kernels.add_rms_norm`)."""
     if isinstance(norm, torch.nn.RMSNorm):
         return add_rms_norm(hidden, delta, norm.weight, norm.eps, impl=compiled_only(hidden))
+    if delta.dim() > hidden.dim():
+        delta = delta.sum(0).to(hidden.dtype)
     total = hidden + delta
     return total, None if norm is None else norm(total)
 
