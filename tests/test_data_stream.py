@@ -146,8 +146,9 @@ def test_training_skips_a_cut_over_the_batch_budget_when_read(single_rank, tmp_p
     result = Trainer(load_config(None, run_overrides(tmp_path, tok_file, tmp_path / "run", steps=2, **{
         "data.train": str(manifest), "data.skip_bad": True, "data.max_skip_fraction": 0.1}))).run()
     assert (result["data_skipped"], result["data_records_read"]) == (1, 13)
-    assert re.search(rf"skipped {manifest}:4: field 'audio': needs \d+ decoder tokens, more than "
-                     r"a whole batch's budget of 1200 \(data.max_tokens\)", capfd.readouterr().out)
+    assert re.search(rf"skipped {manifest}:4: field 'audio': needs \d+ decoder tokens \(its "
+                     r"audio's, the prompt's and its text's\), more than a whole batch's budget "
+                     r"of 1200 \(data.max_tokens\)", capfd.readouterr().out)
 
 
 def test_td_names_skipped_records_and_stops_past_the_bound_before_transcribing(

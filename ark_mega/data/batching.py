@@ -68,8 +68,9 @@ def cut_error(cut: Cut, reason: str, kind: str) -> ManifestError:
 def over_budget(cut: Cut, tokens: int, max_tokens: int, setting: str | None = None
                 ) -> ManifestError:
     named = f" ({setting})" if setting else ""
-    return cut_error(cut, f"needs {tokens} decoder tokens, more than a whole batch's budget of "
-                     f"{max_tokens}{named}", "over_token_budget")
+    return cut_error(cut, f"needs {tokens} decoder tokens (its audio's, the prompt's and its "
+                     f"text's), more than a whole batch's budget of {max_tokens}{named}",
+                     "over_token_budget")
 
 
 class TokenLimit:
