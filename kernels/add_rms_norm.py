@@ -36,9 +36,9 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, rows, width, par
     at = row * width + cols
     dtype = sum_ptr.dtype.element_ty
     h = tl.load(h_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr + at, mask=inside, other=0.0)
+    d = tl.load(d_ptr + at, mask=inside, other=0.0).to(tl.float32)
     for part in range(1, parts):  # partial sums [parts, rows, width]: the projection's output
-        d += tl.load(d_ptr + part * rows * width + at, mask=inside, other=0.0)
+        d += tl.load(d_ptr + (part * rows).to(tl.int64) * width + at, mask=inside, other=0.0)
     total = (h + d.to(dtype).to(tl.float32)).to(dtype)
     tl.store(sum_ptr + at, total, mask=inside)
     x = total.to(tl.float32)

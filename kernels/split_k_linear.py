@@ -57,10 +57,13 @@ def split_k_linear_reference(x: torch.Tensor, weight: torch.Tensor, splits: int)
 
 # BLOCK_M 64: a decoding batch's rows in one block; the autotuner picks per (k, n, width) on the
 # GPU, once per model (a rollout's batch size changes from step to step: not a key)
-@tuned([triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
-        for n in (32, 64) for k in (64, 128) for s in (3, 4)],
-       key=["k", "n", "width"],
-       interpreted=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}))
+CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
+           for n in (32, 64) for k in (64, 128) for s in (3, 4)]
+INTERPRETED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+assert all(SLICE_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in [*CONFIGS, INTERPRETED])
+
+
+@tuned(CONFIGS, key=["k", "n", "width"], interpreted=INTERPRETED)
 @triton.jit(do_not_specialize=["rows"])
 def _split_k_linear_kernel(x_ptr, w_ptr, out_ptr, rows, k, n, width, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -135,7 +135,7 @@ def test_split_k_linear_against_float64(impl, dtype, rows, k, n, splits):
     got = split_k_linear(x.to(DEV), weight.to(DEV), splits, impl=impl).cpu()
     parts = splits or got.shape[0]
     assert got.shape == (parts, 1, rows, n) and got.dtype == torch.float32
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # bf16 products are exact in float32
     width = slice_width(k, parts)
     for s in range(parts):
         cut = slice(s * width, (s + 1) * width)
@@ -250,8 +250,10 @@ def test_local_layers_decode_through_the_fused_mlp_and_split_projections(single_
     def rollout(kernels):
         for made in calls.values():
             made.clear()
+        # eager steps: a replayed CUDA graph would call no Python
         out = generate(m, [sp.build(f.shape[-1]).input_ids for f in feats], feats, sp.stop_id,
-                       GenerationConfig(max_new_tokens=4, top_k=4), kernels=kernels)
+                       GenerationConfig(max_new_tokens=4, top_k=4, cuda_graph=False),
+                       kernels=kernels)
         assert out.steps == 4
         return {name: made[:2] + [len(made)] for name, made in calls.items()}
 

@@ -89,7 +89,7 @@ class Part:
 KERNEL_TEST_PROCESSES = 4
 
 PARTS = [
-    Part("kernels", 150, {}),
+    Part("kernels", 180, {}),
     Part("bench_kernels", 90, {"speedup": (">=", 10), "memory_ratio": (">=", 20),
                                "union_kl_kernel_fraction_of_copy": (">=", 0.7)}),
     Part("trainer", 150, {}),
