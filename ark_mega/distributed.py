@@ -41,8 +41,17 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+# (tensor_parallel, pipeline_parallel, timeout_minutes) of megatron's current groups, and the
+# groups `initialize_model_parallel` made for them
+_layout: tuple[int, int, int] | None = None
+_groups: list = []
+
+
 def init_parallel(cfg: ParallelConfig) -> None:
-    """Initialise torch.distributed and megatron parallel_state for `cfg`."""
+    """Initialise torch.distributed and megatron parallel_state for `cfg`. Groups of the same
+    layout made before (an earlier stage of the same process) are kept: made anew, each would
+    hold its communicators (gloo: threads; NCCL: device memory) for the life of the process."""
+    global _layout, _groups
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.cuda.is_available():
@@ -56,13 +65,16 @@ def init_parallel(cfg: ParallelConfig) -> None:
             f"world size {world} is not divisible by tensor_parallel ({cfg.tensor_parallel}) "
             f"x pipeline_parallel ({cfg.pipeline_parallel})"
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_parallel,
-        pipeline_model_parallel_size=cfg.pipeline_parallel,
-        distributed_timeout_minutes=cfg.timeout_minutes,
-    )
+    layout = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.timeout_minutes)
+    if not parallel_state.model_parallel_is_initialized() or layout != _layout:
+        _destroy_model_parallel()
+        before = set(_all_groups())
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_parallel,
+            pipeline_model_parallel_size=cfg.pipeline_parallel,
+            distributed_timeout_minutes=cfg.timeout_minutes,
+        )
+        _layout, _groups = layout, [g for g in _all_groups() if g not in before]
     # Same seed on every process: the model-parallel tracker offsets it per TP rank itself.
     torch.manual_seed(cfg.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
@@ -101,11 +113,29 @@ def vocab_shard(rows: int) -> VocabShard:
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _destroy_model_parallel() -> None:
+    """megatron's groups destroyed, not only forgotten: megatron's `destroy_model_parallel`
+    drops its references, but torch.distributed keeps every group it made, communicators and
+    all, until each is destroyed."""
+    global _layout, _groups
+    from megatron.core import parallel_state
+
+    live = set(_all_groups())
+    for group in _groups:
+        if group in live:
+            dist.destroy_process_group(group)
+    parallel_state.destroy_model_parallel()
+    _layout, _groups = None, []
+
+
+def _all_groups() -> list:
+    """Every process group torch.distributed holds (none before it is initialised)."""
+    return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
 
 
 def _init_process_group(timeout_minutes: int) -> None:

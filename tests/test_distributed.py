@@ -1,7 +1,12 @@
-"""The CPU adapter for megatron-core, one test per patched site (ark_mega/distributed.py)."""
+"""The CPU adapter for megatron-core, one test per patched site, and the process groups
+`init_parallel` keeps (ark_mega/distributed.py)."""
+
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core import tensor_parallel
 from megatron.core.models.common.language_module import language_module
 from megatron.core.pipeline_parallel import schedules
@@ -134,3 +139,26 @@ def test_world_size_must_fit_the_layout(single_rank):
     with pytest.raises(ValueError, match="not divisible"):
         init_parallel(ParallelConfig(tensor_parallel=2))
     init_parallel(ParallelConfig())
+
+
+def test_groups_of_a_layout_made_before_are_kept_and_others_destroyed(single_rank):
+    """A process that runs stages one after another (the demo) initialises the same layout
+    again: megatron's groups are kept, not made anew beside the old ones (each gloo group holds
+    threads that wake up: ~3,000 of them took a core from the test suite). Another layout (here
+    a longer timeout) destroys them first (their threads end with the last reference to them);
+    a group of the caller's own survives both."""
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    own = dist.new_group([0])
+    init_parallel(ParallelConfig())
+    kept, count = parallel_state.get_data_parallel_group(), threads()
+    for _ in range(3):
+        init_parallel(ParallelConfig())
+    assert parallel_state.get_data_parallel_group() is kept and threads() == count
+    init_parallel(ParallelConfig(timeout_minutes=31))
+    groups = dist.distributed_c10d._world.pg_map
+    assert kept not in groups and parallel_state.get_data_parallel_group() in groups
+    assert own in groups
+    init_parallel(ParallelConfig())
+    dist.destroy_process_group(own)
