@@ -20,10 +20,13 @@ import triton.language as tl
 from ._backend import next_pow2, use_triton
 
 
+def whole(hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`delta`, or the sum of its float32 partial sums [parts, ...] rounded to hidden's dtype."""
+    return delta.sum(0).to(hidden.dtype) if delta.dim() > hidden.dim() else delta
+
+
 def add_rms_norm_reference(hidden, delta, weight, eps):
-    if delta.dim() > hidden.dim():  # partial sums
-        delta = delta.sum(0).to(hidden.dtype)
-    total = hidden + delta
+    total = hidden + whole(hidden, delta)
     return total, F.rms_norm(total, total.shape[-1:], weight, eps)
 
 

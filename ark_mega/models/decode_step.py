@@ -33,7 +33,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.utils import get_pg_size
 
 from ..kernels import compiled_only
-from ..kernels.add_rms_norm import add_rms_norm
+from ..kernels.add_rms_norm import add_rms_norm, whole
 from ..kernels.decode_attention import decode_attention
 from ..kernels.rope import rope_tables
 from ..kernels.split_k_linear import split_k_linear
@@ -236,8 +236,7 @@ class DecodeStep:
                 and get_pg_size(linear.tp_group) == 1 and not linear.explicit_expert_comm
                 and linear.weight.dtype == x.dtype and not self.config.fp8):
             return split_k_linear(x, linear.weight, impl=compiled_only(x))
-        out, bias = linear(x)
-        return out if bias is None else out + bias
+        return with_bias(*linear(x))
 
     def _mlp(self, mlp, normed):
         """The layer's MLP, its bias added; a local SwiGLU one's first projection and activation
@@ -252,8 +251,7 @@ class DecodeStep:
                 and not cfg.fp8):
             return self._projection(mlp.linear_fc2,
                                     swiglu_linear(normed, fc1.weight, impl=compiled_only(normed)))
-        out, bias = mlp(normed)
-        return out if bias is None else out + bias
+        return with_bias(*mlp(normed))
 
     def _qkv(self, attention, normed):
         """The step's query heads [1, b, groups, per_group, hn], key and value [1, b, groups,
@@ -281,14 +279,17 @@ class DecodeStep:
                 mixed[..., per_group * hn:(per_group + 1) * hn], mixed[..., (per_group + 1) * hn:])
 
 
+def with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A megatron module's (output, bias to add) as one tensor."""
+    return out if bias is None else out + bias
+
+
 def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor, norm):
     """hidden + delta (or float32 partial sums of delta, `_projection`'s), and `norm` of it
     (None: no norm); torch's RMSNorm (the local layers') with the add in one launch on a GPU
     (`ark_mega.kernels.add_rms_norm`)."""
     if isinstance(norm, torch.nn.RMSNorm):
         return add_rms_norm(hidden, delta, norm.weight, norm.eps, impl=compiled_only(hidden))
-    if delta.dim() > hidden.dim():
-        delta = delta.sum(0).to(hidden.dtype)
-    total = hidden + delta
+    total = hidden + whole(hidden, delta)
     return total, None if norm is None else norm(total)
 
