@@ -10,6 +10,7 @@ training path reaches; each patched site has its own test in tests/test_distribu
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
@@ -50,7 +51,8 @@ _groups: list = []
 def init_parallel(cfg: ParallelConfig) -> None:
     """Initialise torch.distributed and megatron parallel_state for `cfg`. Groups of the same
     layout made before (an earlier stage of the same process) are kept: made anew, each would
-    hold its communicators (gloo: threads; NCCL: device memory) for the life of the process."""
+    hold its communicators (gloo: threads; NCCL: device memory) for the life of the process.
+    Every group is destroyed at exit."""
     global _layout, _groups
     from megatron.core import parallel_state, tensor_parallel
 
@@ -58,6 +60,10 @@ def init_parallel(cfg: ParallelConfig) -> None:
         adapt_megatron_to_cpu()
     if not dist.is_initialized():
         _init_process_group(cfg.timeout_minutes)
+        # A process that exits with its gloo groups alive can abort in their threads'
+        # destructors ("terminate called without an active exception") after its work is done.
+        atexit.unregister(destroy_parallel)
+        atexit.register(destroy_parallel)
     world = dist.get_world_size()
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
     if world % model_parallel != 0:

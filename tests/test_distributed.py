@@ -2,6 +2,8 @@
 `init_parallel` keeps (ark_mega/distributed.py)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +164,25 @@ def test_groups_of_a_layout_made_before_are_kept_and_others_destroyed(single_ran
     assert own in groups
     init_parallel(ParallelConfig())
     dist.destroy_process_group(own)
+
+
+def test_process_groups_are_destroyed_at_exit(tmp_path):
+    """A process that leaves gloo groups alive at exit can abort after its work is done
+    ("terminate called without an active exception": torchrun then fails the whole job); every
+    tool and the trainer exit through `init_parallel`'s exit handler instead. Exit handlers run
+    last registered first, so one registered before `init_parallel` sees what it left."""
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit\n"
+        "import torch.distributed as dist\n"
+        "from ark_mega.distributed import ParallelConfig, init_parallel\n"
+        "atexit.register(lambda: print('alive at exit:', dist.is_initialized()))\n"
+        "init_parallel(ParallelConfig())\n"
+        "init_parallel(ParallelConfig())\n"
+        "init_parallel(ParallelConfig(timeout_minutes=31))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "alive at exit: False"
