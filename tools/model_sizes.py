@@ -38,7 +38,7 @@ def hf_count(cfg) -> int:
 
 
 def main() -> int:
-    from ark_mega.distributed import ParallelConfig, destroy_parallel, init_parallel
+    from ark_mega.distributed import ParallelConfig, init_parallel
     from ark_mega.models.config import preset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,7 +53,6 @@ def main() -> int:
         ours, theirs = our_count(cfg), hf_count(cfg)
         ok &= ours == theirs
         print(f"{name:<16}{ours:>16,}{theirs:>16,}  {ours == theirs}")
-    destroy_parallel()
     return 0 if ok else 1
 
 

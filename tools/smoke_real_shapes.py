@@ -24,7 +24,7 @@ def main() -> int:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from ark_mega.distributed import ParallelConfig, destroy_parallel, device, init_parallel
+    from ark_mega.distributed import ParallelConfig, device, init_parallel
     from ark_mega.models import AudioLM, preset
     from ark_mega.models.families import family
     from ark_mega.pipeline import run_pipeline
@@ -88,7 +88,6 @@ def main() -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
-    destroy_parallel()
     return 0 if grads_finite else 1
 
 
