@@ -18,8 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_normalisation():
     assert normalize("Hello, World!") == "hello world"
     assert normalize("ＡＢＣ１２３") == "abc123"  # full-width to half-width
-    assert normalize("你好，世界。“引号”") == "你好 世界 引号"  # CJK punctuation
+    assert normalize("你好，世界。“引号”") == "你好世界引号"  # CJK punctuation
     assert normalize("  a\t b\n") == "a b"
+    # removed, not made a space: a word with an apostrophe stays one word (the paper's scoring)
+    assert normalize("Don't stop at one O'Clock.") == "dont stop at one oclock"
+    r = error_rate(["don't stop at one o'clock"], ["dont stop at one oclock"], "wer")
+    assert (r.errors, r.reference_length) == (0, 5)
 
 
 def test_hand_computed_rates():

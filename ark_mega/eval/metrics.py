@@ -1,8 +1,9 @@
 """Normalisation and corpus-level error rates.
 
 normalize: Unicode NFKC (full-width forms become half-width), lower case, punctuation and
-symbols removed (ASCII and CJK: every Unicode P* and S* character), whitespace collapsed. CER
-is computed on characters with spaces removed (Mandarin), WER on words. Corpus rates sum the
+symbols removed (ASCII and CJK: every Unicode P* and S* character; removed, not made a space, so
+"don't" and "o'clock" stay one word, as in the paper's scoring), whitespace collapsed. CER is
+computed on characters with spaces removed (Mandarin), WER on words. Corpus rates sum the
 edit operations over all utterances and divide by the summed reference lengths; they are not
 means of per-utterance rates.
 """
@@ -18,7 +19,7 @@ import jiwer
 
 def normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PS")
     return re.sub(r"\s+", " ", text).strip()
 
 
