@@ -8,8 +8,8 @@ Each decoding step reads every decoder weight once (the output layer included), 
 shorter than decoder weight bytes / memory bandwidth: with the bandwidth of a device-to-device
 copy measured in the same run, the floor is batch / that time, in tokens per second. The stop
 token is blocked so that every row decodes all its tokens. Reported: prefill time (encoder,
-prompt, first token); decode tokens/s of the steady steps (after the first two) and their
-fraction of the floor; tokens/s over all the steps after the prefill
+prompt, first token); decode tokens/s of the steady steps (after the first two; the median over
+--repeats pairs of rollouts) and their fraction of the floor; tokens/s over all the steps after the prefill
 (`rollout_decode_tokens_per_s`); on a GPU with the decoding step replayed as a CUDA graph (the
 default) and, as the same run's baseline, without; last, the decoding step with each
 alternative to its default kernels (`DecodeKernels`), timed as the default is
@@ -26,6 +26,7 @@ step (a rollout's kernels less those of a 3-token one, per extra step).
 from __future__ import annotations
 
 import datetime
+import statistics
 import sys
 import time
 import traceback
@@ -48,11 +49,16 @@ def main() -> int:
     ap = bench_parser(__doc__, utterance=True)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="pairs of rollouts per steady-step figure (their median)")
     args = ap.parse_args()
     if args.new_tokens < 4:
         ap.error("--new-tokens must be at least 4: the first two decoding steps are timed apart")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.smoke:
         args.preset, args.batch, args.seconds, args.new_tokens = "tiny_ark_asr", 4, 2.0, 6
+        args.repeats = 2
     if (where := bench_device(args.smoke)) is None:
         return 2
     dev, dtype = where
@@ -89,12 +95,17 @@ def main() -> int:
     def steady_tokens_per_s(cuda_graph: bool, kernels=DecodeKernels()
                             ) -> tuple[float, float, bool]:
         """Tokens/s of the steps after the first two (rollouts of shapes decoded before: with a
-        graph, replays from their first step); the whole rollout's seconds, and whether its
+        graph, replays from their first step), from the median over --repeats pairs of a full
+        and a 3-token rollout: the prefill both pay varies by ~10% of the steps' time from one
+        rollout to the next (run 9). Also the median full rollout's seconds, and whether its
         steps replayed a graph."""
-        seconds, graphed = run(args.new_tokens, cuda_graph, kernels)
-        setup, _ = run(3, cuda_graph, kernels)
-        steady = args.batch * (args.new_tokens - 3) / max(seconds - setup, 1e-9)
-        return steady, seconds, graphed
+        pairs = []
+        for _ in range(args.repeats):
+            seconds, graphed = run(args.new_tokens, cuda_graph, kernels)
+            pairs.append((seconds - run(3, cuda_graph, kernels)[0], seconds))
+        steps_s = statistics.median(p[0] for p in pairs)
+        rollout_s = statistics.median(p[1] for p in pairs)
+        return args.batch * (args.new_tokens - 3) / max(steps_s, 1e-9), rollout_s, graphed
 
     def default_figures() -> dict:
         graph_error = None
