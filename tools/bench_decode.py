@@ -9,18 +9,18 @@ shorter than decoder weight bytes / memory bandwidth: with the bandwidth of a de
 copy measured in the same run, the floor is batch / that time, in tokens per second. The stop
 token is blocked so that every row decodes all its tokens. Reported: prefill time (encoder,
 prompt, first token); decode tokens/s of the steady steps (after the first two; the median over
---repeats pairs of rollouts) and their fraction of the floor; tokens/s over all the steps after the prefill
-(`rollout_decode_tokens_per_s`); on a GPU with the decoding step replayed as a CUDA graph (the
-default) and, as the same run's baseline, without; last, the decoding step with each
+--repeats pairs of rollouts) and their fraction of the floor; tokens/s over all the steps after
+the prefill (`rollout_decode_tokens_per_s`); on a GPU with the decoding step replayed as a CUDA
+graph (the default) and, as the same run's baseline, without; last, the decoding step with each
 alternative to its default kernels (`DecodeKernels`), timed as the default is
 (`variants_ms_per_step`; a variant that fails is recorded with its error). The model keeps its
 decoding step, graph included, for later rollouts of the same batch size and cache length: only
 the first rollout of a shape warms the graph up eagerly and captures it
 (`first_rollout_extra_s`: what it took more than a later one, with the kernels' first
 compilation). Should the graph's capture fail, the run reports its error and the eager figures;
-should the default kernels fail, it reports that error, still times the alternatives and exits 1.
-With --profile: where a whole rollout's time goes, then each kernel's calls and time per steady
-step (a rollout's kernels less those of a 3-token one, per extra step).
+should the default kernels fail, it reports that error, still times the alternatives and exits
+1. With --profile: where a whole rollout's time goes, then each kernel's calls and time per
+steady step (a rollout's kernels less those of a 3-token one, per extra step).
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def main() -> int:
                             ) -> tuple[float, float, bool]:
         """Tokens/s of the steps after the first two (rollouts of shapes decoded before: with a
         graph, replays from their first step), from the median over --repeats pairs of a full
-        and a 3-token rollout: the prefill both pay varies by ~10% of the steps' time from one
-        rollout to the next (run 9). Also the median full rollout's seconds, and whether its
-        steps replayed a graph."""
+        and a 3-token rollout: the prefill both pay varied by up to ~20 ms between run 9's
+        processes, against ~82 ms of steady steps. Also the median full rollout's seconds, and
+        whether its steps replayed a graph."""
         pairs = []
         for _ in range(args.repeats):
             seconds, graphed = run(args.new_tokens, cuda_graph, kernels)
